@@ -1,0 +1,33 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# CPU build of torch first (the pyproject keeps a range): a plain `torch` requirement would pull
+# a multi-GB CUDA build on a machine without a GPU.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: setup demo test test-slow lint bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[dev,cockpit]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/scaler-wizard run --self-approve
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench scripts
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,134 @@
+"""`scaler-wizard` command line. Errors are handled here only: each ScalerWizardError becomes a
+one-paragraph message and its exit code (2 bad input, 3 contract, 4 halted); tracebacks only
+with --debug."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import RecipeError, ScalerWizardError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Grow a language model's capacity and context.")
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _global(debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
+    _state["debug"] = debug
+
+
+class RichReporter:
+    def __init__(self) -> None:
+        self._progress: Progress | None = None
+        self._task = None
+
+    def phase(self, text: str) -> None:
+        console.print(f"[bold cyan]>[/] {text}")
+
+    def start_training(self, stage, total_steps: int) -> None:
+        self._progress = Progress(
+            TextColumn(f"stage {stage.index} @ {stage.length} tokens"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=total_steps)
+
+    def advance_training(self, step: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step)
+
+    def end_training(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _summary_table(summary: dict) -> Table:
+    table = Table(title=f"run {summary['run_id']}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for k, v in summary["headline"].items():
+        table.add_row(k, _fmt(v))
+    table.add_row("stages", ", ".join(f"{s['length']}:{s['decision']}" for s in summary["stages"]))
+    table.add_row("train loss first -> last", f"{_fmt(summary['train_loss_first'])} -> {_fmt(summary['train_loss_last'])}")
+    table.add_row("wall time (s)", _fmt(summary.get("wall_time_s")))
+    table.add_row("peak RSS (GB)", _fmt(summary.get("peak_rss_gb")))
+    return table
+
+
+@app.command()
+def run(
+    recipe: Optional[Path] = typer.Argument(None, help="YAML recipe; default: the shipped demo recipe"),
+) -> None:
+    """Run a scaling recipe end to end (default: the embedded demo, 256 -> 1024 tokens)."""
+    from .pipeline import run as run_pipeline
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    result = run_pipeline(str(recipe) if recipe else None, reporter=RichReporter())
+    console.print(_summary_table(result.summary))
+    console.print(f"run directory: {result.run_dir}")
+
+
+@app.command()
+def validate(recipe: Path = typer.Argument(..., help="YAML recipe to check")) -> None:
+    """Validate a recipe; every problem is listed with its field path."""
+    from .recipe import load_recipe
+
+    parsed, _ = load_recipe(str(recipe))
+    console.print(f"[green]ok[/] {recipe}: recipe valid (digest {parsed.digest()[:12]})")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except ScalerWizardError as exc:
+        if _state["debug"]:
+            raise
+        if isinstance(exc, RecipeError):
+            err_console.print(f"[bold red]error:[/] recipe {exc.source} has {len(exc.problems)} problem(s):")
+            for path, msg in exc.problems:
+                err_console.print(f"  - {path}: {msg}")
+            if exc.hint:
+                err_console.print(exc.hint)
+        else:
+            err_console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()
+

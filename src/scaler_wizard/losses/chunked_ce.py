@@ -1,0 +1,68 @@
+"""Cross-entropy computed from hidden states in sequence chunks, never materialising the
+full [batch, length, vocab] logits (the idea of Liger's fused linear cross-entropy and Apple's
+Cut Cross-Entropy, here with plain PyTorch recomputation).
+
+Each chunk's logits are computed, reduced to per-token losses and freed; under autograd the
+chunk is recomputed in backward (``torch.utils.checkpoint``), so peak memory holds one chunk of
+logits instead of all of them: for 4096 tokens x 128,256 vocab in fp32 that is 2.1 GB at once
+for the stock loss versus 263 MB with 512-token chunks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor):
+    # hidden [b, c, h] -> logits [b, c, V] in fp32 for a stable log-softmax
+    logits = F.linear(hidden, weight, bias).float()
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(labels.shape)
+
+
+def chunked_token_ce(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    chunk_size: int = 512,
+) -> torch.Tensor:
+    """Per-token cross-entropy [batch, length]; 0 where ``labels == -100``.
+
+    ``hidden`` [b, t, h] must already be aligned with ``labels`` [b, t] (shifted by the caller).
+    """
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
+    pieces = []
+    for start in range(0, hidden.size(1), chunk_size):
+        h = hidden[:, start : start + chunk_size]
+        y = labels[:, start : start + chunk_size]
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            pieces.append(checkpoint(_chunk_ce, h, weight, bias, y, use_reentrant=False))
+        else:
+            pieces.append(_chunk_ce(h, weight, bias, y))
+    return torch.cat(pieces, dim=1)
+
+
+def task_balanced_mean(token_loss: torch.Tensor, labels: torch.Tensor, task: torch.Tensor | None) -> torch.Tensor:
+    """Mean loss per task (row kind), summed over the tasks present in the batch.
+
+    With one task this is the ordinary token mean. With a mixture (language modelling rows and
+    short-answer retrieval rows) each task keeps its own weight instead of the retrieval answers
+    being drowned by thousands of language-modelling tokens.
+    """
+    mask = (labels != IGNORE_INDEX).to(token_loss.dtype)
+    if task is None:
+        return (token_loss * mask).sum() / mask.sum().clamp_min(1)
+    total = token_loss.new_zeros(())
+    for kind in torch.unique(task):
+        sel = (task == kind).to(token_loss.dtype)[:, None] * mask
+        if sel.sum() > 0:
+            total = total + (token_loss * sel).sum() / sel.sum()
+    return total

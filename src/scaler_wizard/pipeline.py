@@ -1,0 +1,526 @@
+"""The one orchestration path, recipe to report, readable top to bottom:
+
+    check inputs -> open run dir -> load model, tokenizer, data -> probe the base model
+    -> add adapters -> for each stage: scale positions, train, probe, gate -> save adapter
+    and merged model -> summary and report
+
+Everything that can be wrong with the user's input is checked before the run directory is
+created; a run that fails later is marked ``failed`` in ``status.json`` and never gets a
+``summary.json``, so a half-written run never looks complete.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+from .context.methods import apply_to_model, base_context_length, get_context_method
+from .context.schedule import Stage, build_stages
+from .data import build_stage_rows, load_texts, split_heldout, token_stream
+from .errors import ModelLoadError, PlanError, ScalerWizardError
+from .evaluation.passkey import PasskeyBuilder
+from .evaluation.probes import (
+    PasskeyProbe,
+    PerplexityProbe,
+    ProbeContext,
+    ProbeResult,
+    ShortContextProbe,
+    run_probe,
+)
+from .recipe import Recipe, load_recipe, resolve_path
+from .telemetry.sink import MetricWriter, utc_now, write_json_atomic
+
+
+@dataclass
+class StageOutcome:
+    index: int
+    length: int
+    steps_trained: int
+    probes: list[dict[str, Any]]
+    gate_passed: bool
+    decision: str
+    failed_checks: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict[str, Any]
+
+
+class Reporter:
+    """Where the pipeline says what it is doing; the CLI passes a rich-backed one."""
+
+    def phase(self, text: str) -> None:  # noqa: D401 - a tiny interface
+        pass
+
+    def start_training(self, stage: Stage, total_steps: int) -> None:
+        pass
+
+    def advance_training(self, step: int) -> None:
+        pass
+
+    def end_training(self) -> None:
+        pass
+
+
+# ------------------------------------------------------------------------------------------
+# Input checks (before anything is written)
+# ------------------------------------------------------------------------------------------
+
+
+def check_model_dir(path: Path) -> None:
+    """A Hugging Face model folder with config, safetensors weights and a tokenizer."""
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"Model folder {path} does not exist.",
+            hint="Set model.path to a Hugging Face model folder (config.json, *.safetensors, tokenizer), "
+            "or builtin:demo for the embedded demo model.",
+        )
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    has_weights = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
+    if not has_weights:
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+            raise ModelLoadError(
+                f"Model folder {path} holds only pickle weights (*.bin/*.pt); Scaler Wizard reads safetensors only "
+                "because unpickling can run arbitrary code.",
+                hint="Convert once with transformers: AutoModelForCausalLM.from_pretrained(p).save_pretrained(p, "
+                "safe_serialization=True) on a machine where you trust the file.",
+            )
+        missing.append("*.safetensors")
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        missing.append("tokenizer.json (or tokenizer_config.json)")
+    if missing:
+        raise ModelLoadError(
+            f"Model folder {path} is missing {', '.join(missing)}.",
+            hint="Save the model and its tokenizer with save_pretrained() into that folder.",
+        )
+    try:
+        json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path / 'config.json'} is not valid JSON ({exc}).", hint="Restore the file.") from None
+
+
+def load_model_and_tokenizer(path: Path, recipe: Recipe):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path),
+            dtype=getattr(torch, recipe.model.dtype),
+            attn_implementation=recipe.model.attn_implementation,
+            local_files_only=True,
+            use_safetensors=True,
+        )
+    except Exception as exc:  # transformers raises many types for a bad folder
+        raise ModelLoadError(
+            f"Could not load the model in {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+            hint="Check that it is a causal language model saved with save_pretrained().",
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # The tokenizer's length limit is the old context; we tokenize whole documents into a stream.
+    tokenizer.model_max_length = int(1e12)
+    return model, tokenizer
+
+
+def hardware_inventory() -> dict[str, Any]:
+    import psutil
+    import torch
+
+    inv: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "ram_total_gb": round(psutil.virtual_memory().total / 2**30, 2),
+        "cuda_devices": [],
+    }
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            inv["cuda_devices"].append({"name": p.name, "total_gb": round(p.total_memory / 2**30, 2)})
+    return inv
+
+
+def peak_rss_gb() -> float:
+    # ru_maxrss is in KiB on Linux: the process's peak resident set since it started.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def new_run_dir(output_dir: Path, run_id: str | None, name: str) -> Path:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    base = run_id or f"{name}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+    candidate, n = output_dir / base, 1
+    while True:
+        try:
+            candidate.mkdir()  # never reuse (and never overwrite) an existing run
+            return candidate
+        except FileExistsError:
+            if run_id:
+                raise PlanError(
+                    f"Run directory {candidate} already exists.", hint="Choose another run.run_id or remove it."
+                ) from None
+            n += 1
+            candidate = output_dir / f"{base}-{n}"
+
+
+# ------------------------------------------------------------------------------------------
+# Probing
+# ------------------------------------------------------------------------------------------
+
+
+def probe_at(model, length: int, ctx: ProbeContext, recipe: Recipe, *, with_short: bool) -> list[ProbeResult]:
+    ev = recipe.evaluation
+    results = []
+    if ev.perplexity.enabled:
+        results.append(run_probe(PerplexityProbe(ev.perplexity.windows), model, length, ctx))
+    if ev.passkey.enabled:
+        results.append(run_probe(PasskeyProbe(ev.passkey.trials, ev.passkey.depths, ev.passkey.seed), model, length, ctx))
+    if with_short and ev.short_context.enabled:
+        results.append(run_probe(ShortContextProbe(ev.perplexity.windows), model, length, ctx))
+    return results
+
+
+def log_probe_results(writer: MetricWriter, step: int, results: list[ProbeResult], stage: int | None, prefix: str):
+    for r in results:
+        if r.error:
+            writer.log(step, f"{prefix}probe_error/{r.probe}@{r.length}", float("nan"), stage=stage, error=r.error)
+            continue
+        for key, value in r.metrics.items():
+            name = {
+                ("perplexity", "perplexity"): "eval/perplexity",
+                ("perplexity", "bits_per_byte"): "eval/bits_per_byte",
+                ("perplexity", "perplexity_change_pct"): "eval/perplexity_change_pct",
+                ("passkey", "accuracy"): "probe/passkey",
+                ("short_context", "regression_pct"): "eval/short_context_regression_pct",
+            }.get((r.probe, key))
+            if name:
+                writer.log(step, f"{prefix}{name}@{r.length}", value, stage=stage)
+
+
+def gate(stage: Stage, results: list[ProbeResult], base_ppl: float | None) -> list[str]:
+    """The checks of a stage that failed (empty list: the gate passes)."""
+    by_probe = {r.probe: r for r in results}
+    failed = []
+    for check in stage.checks:
+        r = by_probe.get(check.probe)
+        if r is None:
+            continue  # probe disabled in the recipe
+        if r.error:
+            failed.append(f"{check.description}: probe error ({r.error})")
+            continue
+        if check.probe == "passkey":
+            value = r.metrics["accuracy"]
+        elif check.probe == "perplexity":
+            value = r.metrics["perplexity"] / base_ppl if base_ppl else float("inf")
+        else:
+            value = r.metrics["regression_pct"]
+        ok = value >= check.threshold if check.comparison == ">=" else value <= check.threshold
+        if not ok:
+            failed.append(f"{check.description} = {value:.3f} (needs {check.comparison} {check.threshold})")
+    return failed
+
+
+# ------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------
+
+
+def run(recipe_path: str | Path | None = None, *, reporter: Reporter | None = None,
+        recipe_overrides: Callable[[Recipe], Recipe] | None = None) -> RunResult:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    reporter = reporter or Reporter()
+    t_start = time.time()
+
+    # 1. Inputs: recipe, model folder, data -- all checked before the run directory exists.
+    recipe, recipe_dir = load_recipe(recipe_path)
+    if recipe_overrides:
+        recipe = recipe_overrides(recipe)
+    model_dir = resolve_path(recipe.model.path, recipe_dir)
+    check_model_dir(model_dir)
+    reporter.phase("reading data")
+    train_texts = load_texts([resolve_path(p, recipe_dir) for p in recipe.data.train], recipe.data.text_field)
+    if recipe.data.eval:
+        eval_texts = load_texts([resolve_path(p, recipe_dir) for p in recipe.data.eval], recipe.data.text_field)
+    else:
+        train_texts, eval_texts = split_heldout(train_texts, recipe.data.eval_fraction, recipe.run.seed)
+
+    if recipe.training.threads:
+        torch.set_num_threads(recipe.training.threads)
+    set_seed(recipe.run.seed)
+    reporter.phase(f"loading model from {model_dir}")
+    model, tokenizer = load_model_and_tokenizer(model_dir, recipe)
+    get_context_method(recipe.context.method, model.config)  # unsupported method -> clear error now
+    base_length = recipe.context.base_length or base_context_length(model.config)
+    stages = build_stages(
+        base_length,
+        recipe.context.target_length,
+        recipe.context.method,
+        recipe.context.method_params,
+        recipe.training.steps_per_stage,
+        schedule=recipe.context.schedule,
+        passkey_min=recipe.evaluation.passkey.min_accuracy if recipe.evaluation.passkey.enabled else None,
+        ppl_max_ratio=recipe.evaluation.perplexity.max_ratio_to_base if recipe.evaluation.perplexity.enabled else None,
+        short_max_regression_pct=(
+            recipe.evaluation.short_context.max_regression_pct if recipe.evaluation.short_context.enabled else None
+        ),
+    )
+    train_stream = token_stream(tokenizer, train_texts)
+    heldout_stream = token_stream(tokenizer, eval_texts)
+    original_config = copy.deepcopy(model.config)
+
+    # 2. The run directory and its envelope.
+    run_dir = new_run_dir(resolve_path(recipe.run.output_dir), recipe.run.run_id, recipe.run.name)
+    status = {"state": "running", "started_at": utc_now(), "stage": 0, "stages": len(stages)}
+    write_json_atomic(run_dir / "status.json", status)
+    (run_dir / "recipe.resolved.yaml").write_text(_yaml_dump(recipe.model_dump(mode="json")), encoding="utf-8")
+    write_json_atomic(
+        run_dir / "envelope.json",
+        {
+            "schema_version": 1,
+            "run_id": run_dir.name,
+            "config": recipe.model_dump(mode="json"),
+            "recipe_digest": recipe.digest(),
+            "hardware": hardware_inventory(),
+            "metrics_path": "metrics.jsonl",
+            "telegram_path": "telegram.json",
+            "created_at": utc_now(),
+            "package_version": __version__,
+            "model_path": str(model_dir),
+            "base_length": base_length,
+            "stages": [s.length for s in stages],
+        },
+    )
+    writer = MetricWriter(run_dir / "metrics.jsonl")
+    try:
+        summary = _train_and_evaluate(
+            recipe, run_dir, model, tokenizer, stages, base_length, original_config,
+            train_stream, heldout_stream, writer, reporter, LoraConfig, get_peft_model,
+        )
+        summary["wall_time_s"] = round(time.time() - t_start, 1)
+        summary["peak_rss_gb"] = round(peak_rss_gb(), 3)
+        if torch.cuda.is_available():
+            summary["peak_cuda_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        writer.log(summary["total_steps"], "system/peak_rss_gb", summary["peak_rss_gb"])
+        writer.close()
+        write_json_atomic(run_dir / "summary.json", summary)
+        status.update(state="completed", finished_at=utc_now(), stage=len(stages))
+        write_json_atomic(run_dir / "status.json", status)
+        return RunResult(run_dir, summary)
+    except BaseException as exc:
+        writer.close()
+        status.update(state="failed", finished_at=utc_now(), error=f"{type(exc).__name__}: {exc}")
+        write_json_atomic(run_dir / "status.json", status)
+        raise
+
+
+def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, original_config,
+                        train_stream, heldout_stream, writer, reporter, LoraConfig, get_peft_model):
+    ctx = ProbeContext(tokenizer=tokenizer, heldout_stream=heldout_stream, base_length=base_length)
+
+    # 3. The base model, unscaled, at the base length and at every stage length.
+    reporter.phase("probing the base model")
+    base_lengths = recipe.evaluation.evaluate_base_at or [base_length] + [s.length for s in stages]
+    base_results = []
+    for length in base_lengths:
+        results = probe_at(model, length, ctx, recipe, with_short=False)
+        base_results.extend(results)
+        for r in results:
+            if r.probe == "perplexity" and not r.error:
+                ctx.baseline[f"perplexity@{length}"] = r.metrics["perplexity"]
+    log_probe_results(writer, 0, base_results, None, "base/")
+    if f"perplexity@{base_length}" not in ctx.baseline and recipe.evaluation.perplexity.enabled:
+        r = run_probe(PerplexityProbe(recipe.evaluation.perplexity.windows), model, base_length, ctx)
+        if not r.error:
+            ctx.baseline[f"perplexity@{base_length}"] = r.metrics["perplexity"]
+    base_ppl = ctx.baseline.get(f"perplexity@{base_length}")
+
+    # 4. Adapters (PEFT LoRA).
+    lora = recipe.scaling.lora
+    peft_config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        modules_to_save=lora.modules_to_save or None,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, peft_config)
+    trainable, total = model.get_nb_trainable_parameters()
+    writer.log(0, "model/trainable_params", trainable)
+    writer.log(0, "model/total_params", total)
+
+    # 5. Stages: scale positions, train, probe, gate.
+    from .training.stage_trainer import StageTelemetryCallback, train_stage
+
+    passkey_builder = PasskeyBuilder(tokenizer, tokenizer.bos_token_id) if recipe.data.synthetic_passkey_share else None
+    outcomes: list[StageOutcome] = []
+    global_step = 0
+    first_losses, last_losses = [], []
+    for stage in stages:
+        t_stage = time.time()
+        write_json_atomic(run_dir / "status.json", {"state": "running", "stage": stage.index, "stages": len(stages),
+                                                    "length": stage.length, "updated_at": utc_now()})
+        apply_to_model(model, stage.method, base_length, stage.length, stage.method_params,
+                       original_config=original_config)
+        snapshot = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+        attempts, steps_trained, decision = 0, 0, "pass"
+        while True:
+            attempts += 1
+            rows = build_stage_rows(
+                train_stream,
+                stage.length,
+                stage.steps * recipe.training.micro_batch_size * recipe.training.gradient_accumulation_steps,
+                passkey_share=recipe.data.synthetic_passkey_share,
+                passkey_builder=passkey_builder,
+                pad_id=tokenizer.pad_token_id,
+                seed=recipe.run.seed + 1000 * stage.index + attempts,
+            )
+            tokens_per_step = stage.length * recipe.training.micro_batch_size * recipe.training.gradient_accumulation_steps
+            callback = StageTelemetryCallback(
+                lambda step, name, value, _s=stage.index: writer.log(step, name, value, stage=_s),
+                tokens_per_step, global_step, on_step=reporter.advance_training,
+            )
+            reporter.start_training(stage, stage.steps)
+            train_stage(model, rows, recipe, stage.steps, run_dir / ".trainer", recipe.run.seed + stage.index,
+                        [callback])
+            reporter.end_training()
+            global_step += stage.steps
+            steps_trained += stage.steps
+            if callback.losses:
+                if not first_losses:
+                    first_losses = callback.losses[:2]
+                last_losses = callback.losses[-2:]
+
+            reporter.phase(f"stage {stage.index}/{len(stages)}: probing at {stage.length} tokens")
+            results = probe_at(model, stage.length, ctx, recipe, with_short=True)
+            log_probe_results(writer, global_step, results, stage.index, "")
+            failed = gate(stage, results, base_ppl)
+            if not failed:
+                decision = "pass"
+                break
+            policy = recipe.context.gate_policy
+            if policy == "extend" and attempts == 1:
+                decision = "extend"
+                writer.log(global_step, "gate/extend", 1.0, stage=stage.index, reasons=failed)
+                continue
+            decision = {"extend": "stop", "stop": "stop", "rollback": "rollback", "continue": "continue"}[policy]
+            break
+        writer.log(global_step, "gate/passed", float(not failed), stage=stage.index, decision=decision,
+                   reasons=failed or None)
+        outcomes.append(StageOutcome(stage.index, stage.length, steps_trained, [asdict(r) for r in results],
+                                     not failed, decision, failed, round(time.time() - t_stage, 1)))
+        writer.sync()
+        if decision == "rollback":
+            model.load_state_dict(snapshot, strict=False)
+            break
+        if decision == "stop":
+            break
+
+    # 6. Final figures at every length, the adapter and the merged model.
+    reporter.phase("final evaluation")
+    final_lengths = sorted({base_length, *[s.length for s in stages]})
+    reached = max((o.length for o in outcomes if o.decision in ("pass", "continue")), default=base_length)
+    if reached != stages[-1].length or outcomes[-1].decision == "rollback":
+        # the model ends at the last stage that passed
+        apply_to_model(model, recipe.context.method, base_length, max(reached, stages[0].length),
+                       recipe.context.method_params, original_config=original_config)
+    final_results = []
+    for length in final_lengths:
+        final_results.extend(probe_at(model, length, ctx, recipe, with_short=False))
+    log_probe_results(writer, global_step, final_results, None, "final/")
+
+    reporter.phase("saving adapter and merged model")
+    model.save_pretrained(run_dir / "adapter")
+    tokenizer.save_pretrained(run_dir / "adapter")
+    if recipe.output.merge:
+        import torch
+
+        merged = model.merge_and_unload()
+        merged.to(getattr(torch, recipe.output.save_dtype))
+        merged.save_pretrained(run_dir / "model")
+        tokenizer.save_pretrained(run_dir / "model")
+
+    base_figures, final_figures = flatten_results(base_results), flatten_results(final_results)
+    target = stages[-1].length
+    final_ppl_target = final_figures.get(f"perplexity@{target}")
+    final_ppl_base = final_figures.get(f"perplexity@{base_length}")
+    summary = {
+        "run_id": run_dir.name,
+        "model": recipe.model.path,
+        "method": recipe.context.method,
+        "base_length": base_length,
+        "target_length": target,
+        "reached_length": reached,
+        "stages": [asdict(o) for o in outcomes],
+        "total_steps": global_step,
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_loss_first": sum(first_losses) / len(first_losses) if first_losses else None,
+        "train_loss_last": sum(last_losses) / len(last_losses) if last_losses else None,
+        "base": base_figures,
+        "final": final_figures,
+        "passkey_by_depth": {
+            str(r.length): r.details.get("accuracy_by_depth") for r in final_results if r.probe == "passkey"
+        },
+        "headline": {
+            f"passkey@{target}": final_figures.get(f"passkey@{target}"),
+            f"base_passkey@{target}": base_figures.get(f"passkey@{target}"),
+            f"base_passkey@{base_length}": base_figures.get(f"passkey@{base_length}"),
+            f"perplexity@{target}": final_ppl_target,
+            f"base_perplexity@{base_length}": base_ppl,
+            f"ppl@{target}_vs_base_ppl@{base_length}_pct": (
+                100 * (final_ppl_target / base_ppl - 1) if final_ppl_target and base_ppl else None
+            ),
+            f"short_context_ppl_change_pct@{base_length}": (
+                100 * (final_ppl_base / base_ppl - 1) if final_ppl_base and base_ppl else None
+            ),
+        },
+    }
+    from .report import write_report
+
+    write_report(run_dir, summary, base_results, final_results)
+    return summary
+
+
+def flatten_results(results: list[ProbeResult]) -> dict[str, float]:
+    """{"perplexity@L", "bits_per_byte@L", "passkey@L"} from probe results (errors skipped)."""
+    out: dict[str, float] = {}
+    for r in results:
+        if r.error:
+            continue
+        if r.probe == "perplexity":
+            out[f"perplexity@{r.length}"] = r.metrics["perplexity"]
+            out[f"bits_per_byte@{r.length}"] = r.metrics["bits_per_byte"]
+        elif r.probe == "passkey":
+            out[f"passkey@{r.length}"] = r.metrics["accuracy"]
+    return out
+
+
+def _yaml_dump(data: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+__all__ = ["run", "RunResult", "Reporter", "check_model_dir", "ScalerWizardError"]

@@ -1,0 +1,137 @@
+"""One stage of training through ``transformers.Trainer`` (devices, accumulation, gradient
+checkpointing and ``accelerate launch`` come from it), with our loss and our callbacks.
+
+The loss is computed from the decoder's hidden states with :func:`chunked_token_ce` so the
+full-vocabulary logits are never materialised, and balanced per task (language modelling vs
+synthetic retrieval rows).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+
+from ..losses.chunked_ce import chunked_token_ce, task_balanced_mean
+from ..recipe import Recipe
+
+
+def causal_lm_parts(model: Any) -> tuple[Any, torch.nn.Module]:
+    """(decoder that returns normalised hidden states, output projection) for a causal LM,
+    through a PEFT wrapper if there is one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = getattr(base, base.base_model_prefix)
+    return decoder, base.get_output_embeddings()
+
+
+class ScalingTrainer(Trainer):
+    """Trainer with the chunked, task-balanced loss."""
+
+    def __init__(self, *args: Any, loss_chunk_size: int = 512, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.loss_chunk_size = loss_chunk_size
+        # Our loss is a mean already; let the Trainer scale it by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        task = inputs.get("task")
+        decoder, head = causal_lm_parts(model)
+        hidden = decoder(
+            input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False
+        ).last_hidden_state
+        # predict token t+1 from position t
+        token_loss = chunked_token_ce(
+            hidden[:, :-1], head.weight, labels[:, 1:], bias=head.bias, chunk_size=self.loss_chunk_size
+        )
+        loss = task_balanced_mean(token_loss, labels[:, 1:], task)
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+
+class StageTelemetryCallback(TrainerCallback):
+    """Streams the Trainer's logs as MetricEvents and tracks throughput of the stage."""
+
+    def __init__(self, log: Callable[[int, str, float], None], tokens_per_step: int, step_offset: int,
+                 on_step: Callable[[int], None] | None = None):
+        self.log = log
+        self.tokens_per_step = tokens_per_step
+        self.step_offset = step_offset
+        self.on_step = on_step
+        self._t_last = None
+        self._step_last = 0
+        self.losses: list[float] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._t_last = time.perf_counter()
+        self._step_last = state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.on_step:
+            self.on_step(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or not state.is_world_process_zero:
+            return
+        step = self.step_offset + state.global_step
+        now = time.perf_counter()
+        steps = state.global_step - self._step_last
+        if steps > 0 and self._t_last is not None:
+            self.log(step, "train/tokens_per_s", steps * self.tokens_per_step / (now - self._t_last))
+        self._t_last, self._step_last = now, state.global_step
+        for key, name in (("loss", "train/loss"), ("grad_norm", "train/grad_norm"), ("learning_rate", "train/lr")):
+            if key in logs:
+                self.log(step, name, float(logs[key]))
+                if key == "loss":
+                    self.losses.append(float(logs[key]))
+
+
+def training_arguments(recipe: Recipe, steps: int, output_dir: Path, seed: int) -> TrainingArguments:
+    t = recipe.training
+    dtype = recipe.model.dtype
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=min(t.warmup_steps, max(0, steps - 1)),
+        lr_scheduler_type=t.lr_scheduler,
+        max_grad_norm=t.max_grad_norm,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        logging_steps=t.logging_steps,
+        # HF's default filter hides NaN losses from the logs; the safety envelope must see them.
+        logging_nan_inf_filter=False,
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        data_seed=seed,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        bf16=dtype == "bfloat16" and torch.cuda.is_available(),
+        fp16=dtype == "float16" and torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def train_stage(
+    model: Any,
+    rows: Any,
+    recipe: Recipe,
+    steps: int,
+    output_dir: Path,
+    seed: int,
+    callbacks: list[TrainerCallback],
+) -> Any:
+    args = training_arguments(recipe, steps, output_dir, seed)
+    trainer = ScalingTrainer(model=model, args=args, train_dataset=rows, callbacks=callbacks)
+    # Progress and metrics go through our callbacks (rich bar, metrics.jsonl), not stdout dicts.
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    return trainer
