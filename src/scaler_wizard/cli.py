@@ -81,12 +81,39 @@ def _summary_table(summary: dict) -> Table:
 @app.command()
 def run(
     recipe: Optional[Path] = typer.Argument(None, help="YAML recipe; default: the shipped demo recipe"),
+    contract: Optional[Path] = typer.Option(None, "--contract", help="signed contract approving this run"),
+    self_approve: bool = typer.Option(
+        False, "--self-approve", help="approve the run yourself with your local key (printed and audited)"
+    ),
+    approvers: Optional[Path] = typer.Option(None, "--approvers", help="trusted-approvers file"),
+    cockpit: bool = typer.Option(False, "--cockpit", help="serve the live cockpit on 127.0.0.1 during the run"),
 ) -> None:
     """Run a scaling recipe end to end (default: the embedded demo, 256 -> 1024 tokens)."""
     from .pipeline import run as run_pipeline
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    result = run_pipeline(str(recipe) if recipe else None, reporter=RichReporter())
+    server = None
+    if cockpit:
+        from .cockpit.server import CockpitServer
+        from .recipe import load_recipe, resolve_path
+
+        parsed, _ = load_recipe(str(recipe) if recipe else None)
+        runs_dir = resolve_path(parsed.run.output_dir)
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        server = CockpitServer(runs_dir).start()
+        console.print(f"cockpit: {server.url}")
+    try:
+        result = run_pipeline(
+            str(recipe) if recipe else None,
+            reporter=RichReporter(),
+            contract=contract,
+            self_approve=self_approve,
+            interactive=sys.stdin.isatty() and sys.stdout.isatty(),
+            approvers=approvers,
+        )
+    finally:
+        if server is not None:
+            server.stop()
     console.print(_summary_table(result.summary))
     console.print(f"run directory: {result.run_dir}")
 
@@ -98,6 +125,20 @@ def validate(recipe: Path = typer.Argument(..., help="YAML recipe to check")) ->
 
     parsed, _ = load_recipe(str(recipe))
     console.print(f"[green]ok[/] {recipe}: recipe valid (digest {parsed.digest()[:12]})")
+
+
+def _register_subcommands() -> None:
+    from .cache.cache_cli import cache_app, rollback_command
+    from .cockpit.cockpit_cli import cockpit
+    from .safety.contract_cli import contract_app
+
+    app.add_typer(contract_app, name="contract")
+    app.add_typer(cache_app, name="cache")
+    app.command("rollback")(rollback_command)
+    app.command("cockpit")(cockpit)
+
+
+_register_subcommands()
 
 
 def main() -> None:

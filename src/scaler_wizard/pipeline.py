@@ -241,35 +241,37 @@ def gate(stage: Stage, results: list[ProbeResult], base_ppl: float | None) -> li
 # ------------------------------------------------------------------------------------------
 
 
-def run(recipe_path: str | Path | None = None, *, reporter: Reporter | None = None,
-        recipe_overrides: Callable[[Recipe], Recipe] | None = None) -> RunResult:
+def run(
+    recipe_path: str | Path | None = None,
+    *,
+    reporter: Reporter | None = None,
+    recipe_overrides: Callable[[Recipe], Recipe] | None = None,
+    contract: Path | None = None,
+    self_approve: bool = False,
+    interactive: bool = False,
+    approvers: Path | None = None,
+) -> RunResult:
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import set_seed
+    from transformers import AutoConfig, set_seed
+
+    from .safety.gatekeeper import authorize_run, close_run, planned_run_id
 
     reporter = reporter or Reporter()
     t_start = time.time()
 
-    # 1. Inputs: recipe, model folder, data -- all checked before the run directory exists.
+    # 1. Inputs: recipe, model folder, method, schedule, data -- all checked before the run
+    #    directory exists, so bad input never leaves a half-written run behind.
     recipe, recipe_dir = load_recipe(recipe_path)
     if recipe_overrides:
         recipe = recipe_overrides(recipe)
     model_dir = resolve_path(recipe.model.path, recipe_dir)
     check_model_dir(model_dir)
-    reporter.phase("reading data")
-    train_texts = load_texts([resolve_path(p, recipe_dir) for p in recipe.data.train], recipe.data.text_field)
-    if recipe.data.eval:
-        eval_texts = load_texts([resolve_path(p, recipe_dir) for p in recipe.data.eval], recipe.data.text_field)
-    else:
-        train_texts, eval_texts = split_heldout(train_texts, recipe.data.eval_fraction, recipe.run.seed)
-
-    if recipe.training.threads:
-        torch.set_num_threads(recipe.training.threads)
-    set_seed(recipe.run.seed)
-    reporter.phase(f"loading model from {model_dir}")
-    model, tokenizer = load_model_and_tokenizer(model_dir, recipe)
-    get_context_method(recipe.context.method, model.config)  # unsupported method -> clear error now
-    base_length = recipe.context.base_length or base_context_length(model.config)
+    try:
+        model_config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types
+        raise ModelLoadError(f"{model_dir / 'config.json'} is not a usable model config: {exc}") from None
+    get_context_method(recipe.context.method, model_config)  # unsupported method -> clear error now
+    base_length = recipe.context.base_length or base_context_length(model_config)
     stages = build_stages(
         base_length,
         recipe.context.target_length,
@@ -283,14 +285,31 @@ def run(recipe_path: str | Path | None = None, *, reporter: Reporter | None = No
             recipe.evaluation.short_context.max_regression_pct if recipe.evaluation.short_context.enabled else None
         ),
     )
-    train_stream = token_stream(tokenizer, train_texts)
-    heldout_stream = token_stream(tokenizer, eval_texts)
-    original_config = copy.deepcopy(model.config)
+    reporter.phase("reading data")
+    train_texts = load_texts([resolve_path(p, recipe_dir) for p in recipe.data.train], recipe.data.text_field)
+    if recipe.data.eval:
+        eval_texts = load_texts([resolve_path(p, recipe_dir) for p in recipe.data.eval], recipe.data.text_field)
+    else:
+        train_texts, eval_texts = split_heldout(train_texts, recipe.data.eval_fraction, recipe.run.seed)
 
-    # 2. The run directory and its envelope.
-    run_dir = new_run_dir(resolve_path(recipe.run.output_dir), recipe.run.run_id, recipe.run.name)
-    status = {"state": "running", "started_at": utc_now(), "stage": 0, "stages": len(stages)}
+    # 2. The run directory, then the human contract: no model is loaded and no step is taken
+    #    without a valid approval token bound to this run, recipe, model and data.
+    run_dir = new_run_dir(resolve_path(recipe.run.output_dir), planned_run_id(recipe, contract), recipe.run.name)
+    status = {"state": "awaiting_approval", "started_at": utc_now(), "stage": 0, "stages": len(stages)}
     write_json_atomic(run_dir / "status.json", status)
+    try:
+        grant = authorize_run(recipe, recipe_dir, run_id=run_dir.name, run_dir=run_dir, contract_path=contract,
+                              self_approve=self_approve, interactive=interactive, approvers_path=approvers)
+    except BaseException as exc:
+        status.update(state="rejected", finished_at=utc_now(), error=str(exc))
+        write_json_atomic(run_dir / "status.json", status)
+        raise
+    status["state"] = "running"
+    write_json_atomic(run_dir / "status.json", status)
+
+    if recipe.training.threads:
+        torch.set_num_threads(recipe.training.threads)
+    set_seed(recipe.run.seed)
     (run_dir / "recipe.resolved.yaml").write_text(_yaml_dump(recipe.model_dump(mode="json")), encoding="utf-8")
     write_json_atomic(
         run_dir / "envelope.json",
@@ -307,14 +326,21 @@ def run(recipe_path: str | Path | None = None, *, reporter: Reporter | None = No
             "model_path": str(model_dir),
             "base_length": base_length,
             "stages": [s.length for s in stages],
+            "approved_by": list(grant.approvers),
         },
     )
     writer = MetricWriter(run_dir / "metrics.jsonl")
     try:
+        reporter.phase(f"loading model from {model_dir}")
+        model, tokenizer = load_model_and_tokenizer(model_dir, recipe)
+        original_config = copy.deepcopy(model.config)
+        train_stream = token_stream(tokenizer, train_texts)
+        heldout_stream = token_stream(tokenizer, eval_texts)
         summary = _train_and_evaluate(
             recipe, run_dir, model, tokenizer, stages, base_length, original_config,
-            train_stream, heldout_stream, writer, reporter, LoraConfig, get_peft_model,
+            train_stream, heldout_stream, writer, reporter, grant,
         )
+        summary["approved_by"] = list(grant.approvers)
         summary["wall_time_s"] = round(time.time() - t_start, 1)
         summary["peak_rss_gb"] = round(peak_rss_gb(), 3)
         if torch.cuda.is_available():
@@ -322,18 +348,23 @@ def run(recipe_path: str | Path | None = None, *, reporter: Reporter | None = No
         writer.log(summary["total_steps"], "system/peak_rss_gb", summary["peak_rss_gb"])
         writer.close()
         write_json_atomic(run_dir / "summary.json", summary)
+        close_run(grant, "completed")
         status.update(state="completed", finished_at=utc_now(), stage=len(stages))
         write_json_atomic(run_dir / "status.json", status)
         return RunResult(run_dir, summary)
     except BaseException as exc:
         writer.close()
+        close_run(grant, "failed")
         status.update(state="failed", finished_at=utc_now(), error=f"{type(exc).__name__}: {exc}")
         write_json_atomic(run_dir / "status.json", status)
         raise
 
 
 def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, original_config,
-                        train_stream, heldout_stream, writer, reporter, LoraConfig, get_peft_model):
+                        train_stream, heldout_stream, writer, reporter, grant):
+    from peft import LoraConfig, get_peft_model
+
+    from .safety.gatekeeper import check_scope
     ctx = ProbeContext(tokenizer=tokenizer, heldout_stream=heldout_stream, base_length=base_length)
 
     # 3. The base model, unscaled, at the base length and at every stage length.
@@ -401,6 +432,9 @@ def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, 
                 lambda step, name, value, _s=stage.index: writer.log(step, name, value, stage=_s),
                 tokens_per_step, global_step, on_step=reporter.advance_training,
             )
+            # the approval covers this stage's length, steps and data, or the run stops here
+            check_scope(grant, stage_length=stage.length, steps_so_far=global_step, stage_steps=stage.steps,
+                        recipe=recipe, stage_index=stage.index)
             reporter.start_training(stage, stage.steps)
             train_stage(model, rows, recipe, stage.steps, run_dir / ".trainer", recipe.run.seed + stage.index,
                         [callback])
@@ -453,13 +487,10 @@ def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, 
     reporter.phase("saving adapter and merged model")
     model.save_pretrained(run_dir / "adapter")
     tokenizer.save_pretrained(run_dir / "adapter")
+    export_check = None
     if recipe.output.merge:
-        import torch
-
-        merged = model.merge_and_unload()
-        merged.to(getattr(torch, recipe.output.save_dtype))
-        merged.save_pretrained(run_dir / "model")
-        tokenizer.save_pretrained(run_dir / "model")
+        export_check = export_merged(model, tokenizer, run_dir / "model", heldout_stream, stages[-1].length,
+                                     recipe.output.save_dtype)
 
     base_figures, final_figures = flatten_results(base_results), flatten_results(final_results)
     target = stages[-1].length
@@ -476,6 +507,7 @@ def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, 
         "total_steps": global_step,
         "trainable_params": trainable,
         "total_params": total,
+        "export_check": export_check,
         "train_loss_first": sum(first_losses) / len(first_losses) if first_losses else None,
         "train_loss_last": sum(last_losses) / len(last_losses) if last_losses else None,
         "base": base_figures,
@@ -501,6 +533,28 @@ def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, 
 
     write_report(run_dir, summary, base_results, final_results)
     return summary
+
+
+def export_merged(model, tokenizer, out: Path, stream: list[int], length: int, save_dtype: str) -> dict[str, Any]:
+    """Merge the adapter, save a plain model, reload it with plain transformers and compare its
+    logits with the adapter model's on one held-out window: the export is checked, not assumed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    window = torch.tensor([stream[:length]])
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=window.to(device)).logits.float().cpu()
+    merged = model.merge_and_unload()
+    merged.to(getattr(torch, save_dtype))
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, local_files_only=True)
+    with torch.no_grad():
+        after = reloaded(input_ids=window).logits.float()
+    diff = (before - after).abs().max().item()
+    return {"max_abs_logit_diff": diff, "tokens": int(window.numel()), "dtype": save_dtype}
 
 
 def flatten_results(results: list[ProbeResult]) -> dict[str, float]:

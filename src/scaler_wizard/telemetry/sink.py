@@ -1,11 +1,21 @@
 """Telemetry Sink: MetricEvent lines in an append-only JSON Lines file.
 
-MetricEvent (spec data contract, extended compatibly with optional keys):
+MetricEvent (spec data contract, extended compatibly with optional keys; JSON Schema in
+``scaler_wizard/schemas/metric_event.schema.json``):
     {"step": 123, "metric": "eval/perplexity@1024", "value": 5.42,
      "timestamp": "2024-05-26T18:42:00Z", "stage": 2}
 A non-finite value is written as ``"value": null`` with ``"non_finite": "nan" | "inf" | "-inf"``
-so that the line stays valid JSON and the event is never dropped.
-Only the main process writes (``is_main_process=False`` makes every call a no-op).
+so that the line stays valid (strict) JSON and the event is never dropped.
+
+Durability: each event is one ``write`` of a whole line; lines are flushed to the OS every
+``flush_every`` events and fsynced on :meth:`MetricWriter.sync` (call it at snapshot
+boundaries) and on :meth:`MetricWriter.close`. A crash can therefore tear at most the last
+line, which :mod:`scaler_wizard.telemetry.reader` tolerates.
+
+Only the main process writes (``is_main_process=False`` makes every call a no-op), so a run
+under ``accelerate launch`` has exactly one writer. Listeners (e.g. the opt-in
+:class:`~scaler_wizard.telemetry.remote.RemoteSink`) receive every event after it is written;
+a listener that raises is disabled, never allowed to break training.
 """
 
 from __future__ import annotations
@@ -13,63 +23,128 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 SCHEMA_VERSION = 1
 
+EventListener = Callable[[dict[str, Any]], Any]
+
 
 def utc_now() -> str:
+    """UTC RFC 3339 timestamp with microseconds and a ``Z`` suffix."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def non_finite_label(value: float) -> str | None:
+    """``"nan"``, ``"inf"`` or ``"-inf"`` for a non-finite float, ``None`` for a finite one."""
+    if math.isfinite(value):
+        return None
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def decode_value(value: float | None, non_finite: str | None) -> float | None:
+    """Inverse of the encoding above: the float a (value, non_finite) pair stands for."""
+    if non_finite is not None:
+        return float(non_finite)  # float("nan"), float("inf"), float("-inf")
+    return None if value is None else float(value)
 
 
 def metric_event(step: int, metric: str, value: float, **extra: Any) -> dict[str, Any]:
     event: dict[str, Any] = {"step": int(step), "metric": metric, "timestamp": utc_now()}
     v = float(value)
-    if math.isfinite(v):
+    label = non_finite_label(v)
+    if label is None:
         event["value"] = v
     else:
         event["value"] = None
-        event["non_finite"] = "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+        event["non_finite"] = label
     event.update({k: v for k, v in extra.items() if v is not None})
     return event
 
 
 class MetricWriter:
-    """Append-only writer; flushes every ``flush_every`` events and fsyncs on ``sync``/``close``."""
+    """Append-only writer; flushes every ``flush_every`` events and fsyncs on ``sync``/``close``.
 
-    def __init__(self, path: Path, *, is_main_process: bool = True, flush_every: int = 32):
+    ``listeners`` are called with each written event dict (same process, same thread); use
+    them to mirror events elsewhere. ``events_written`` counts the lines written so far.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        is_main_process: bool = True,
+        flush_every: int = 32,
+        listeners: Iterable[EventListener] = (),
+    ):
         self.path = Path(path)
         self.enabled = is_main_process
-        self.flush_every = flush_every
+        self.flush_every = max(1, int(flush_every))
+        self.events_written = 0
+        self.listener_errors: list[str] = []
+        self._listeners: list[EventListener] = list(listeners)
         self._pending = 0
+        self._lock = threading.Lock()
         self._fh = open(self.path, "a", encoding="utf-8") if self.enabled else None
 
-    def log(self, step: int, metric: str, value: float, **extra: Any) -> None:
+    def add_listener(self, listener: EventListener) -> None:
+        self._listeners.append(listener)
+
+    def log(self, step: int, metric: str, value: float, **extra: Any) -> dict[str, Any] | None:
+        """Write one MetricEvent; returns it (``None`` on a non-main process or after close)."""
         if not self._fh:
-            return
-        self._fh.write(json.dumps(metric_event(step, metric, value, **extra), allow_nan=False) + "\n")
-        self._pending += 1
-        if self._pending >= self.flush_every:
-            self._fh.flush()
-            self._pending = 0
+            return None
+        event = metric_event(step, metric, value, **extra)
+        line = json.dumps(event, allow_nan=False, default=str) + "\n"
+        with self._lock:
+            if not self._fh:
+                return None
+            self._fh.write(line)
+            self.events_written += 1
+            self._pending += 1
+            if self._pending >= self.flush_every:
+                self._fh.flush()
+                self._pending = 0
+        self._notify(event)
+        return event
 
     def log_many(self, step: int, metrics: dict[str, float], **extra: Any) -> None:
         for name, value in metrics.items():
             self.log(step, name, value, **extra)
 
+    def flush(self) -> None:
+        """Hand buffered lines to the OS (cheap; no fsync)."""
+        with self._lock:
+            if self._fh:
+                self._fh.flush()
+                self._pending = 0
+
     def sync(self) -> None:
-        if self._fh:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._pending = 0
+        """Flush and fsync: after this returns, every logged event survives a power cut."""
+        with self._lock:
+            if self._fh:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+                self._pending = 0
 
     def close(self) -> None:
         if self._fh:
             self.sync()
-            self._fh.close()
-            self._fh = None
+            with self._lock:
+                if self._fh:
+                    self._fh.close()
+                    self._fh = None
+
+    def _notify(self, event: dict[str, Any]) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception as exc:  # a mirror must never break training
+                self._listeners.remove(listener)
+                self.listener_errors.append(f"{getattr(listener, '__qualname__', listener)!s}: {exc!r}")
 
     def __enter__(self) -> "MetricWriter":
         return self
@@ -78,12 +153,67 @@ class MetricWriter:
         self.close()
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to a temporary file, fsync, then rename over ``path`` (readers never see half a file)."""
+def _fsync_dir(directory: Path) -> None:
+    """fsync a directory so a rename inside it survives a crash (no-op where unsupported)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, payload: Any, *, durable: bool = True) -> None:
+    """Write JSON to a temporary file, fsync, then rename over ``path`` (readers never see half a file).
+
+    The temporary name is unique per process and thread, so concurrent writers of the same
+    file cannot interleave into one temporary file; the last rename wins. ``durable=False``
+    skips both fsyncs: the replacement is still atomic for readers, but may be lost (the old
+    content survives) in a power cut — right for frequent, low-stakes updates.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(payload, fh, indent=2, sort_keys=False, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=2, sort_keys=False, default=str)
+            fh.flush()
+            if durable:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        _fsync_dir(path.parent)
+
+
+def append_jsonl(path: Path, record: dict[str, Any], *, fsync: bool = True) -> None:
+    """Append one record as one line with a single ``write`` (O_APPEND), optionally fsynced.
+
+    Used for low-rate histories (telegrams, operator commands) where every line matters.
+    Non-finite floats are refused (``allow_nan=False``): encode them first.
+    """
+    line = (json.dumps(record, allow_nan=False, default=str) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "MetricWriter",
+    "append_jsonl",
+    "decode_value",
+    "metric_event",
+    "non_finite_label",
+    "utc_now",
+    "write_json_atomic",
+]

@@ -1,0 +1,463 @@
+"""Memory planner: the peak memory of one training step, as a breakdown.
+
+Pure arithmetic on a model's hyper-parameters (no torch import), so it answers "does 64K fit on
+this machine?" for models that are not downloaded. The breakdown follows what autograd keeps:
+
+* **weights** -- every parameter of the (possibly grown) model in its storage precision; 4-bit
+  QLoRA keeps the decoder's linear layers as NF4 with double-quantised absmax (~4.127 bits per
+  weight, Dettmers et al. 2023, "QLoRA") and everything else in the compute dtype.
+* **trainable** -- trainable parameters with their gradients and AdamW's two moments. LoRA
+  adapters are kept in fp32 by PEFT (``autocast_adapter_dtype``), so 4 + 4 + 8 bytes each plus one
+  fp32 copy for the multi-tensor optimizer step; trainable base parameters (block expansion,
+  full fine-tuning) keep the model dtype for gradients and moments (what ``torch.optim.AdamW``
+  does with a bf16 model).
+* **activations** -- what each decoder layer saves for backward. Korthikanti et al. 2022
+  ("Reducing Activation Recomputation in Large Transformer Models", eq. 2) count
+  s·b·h·(34 + 5·a·s/h) bytes per GPT layer at 16 bits; :func:`layer_activation_bytes_per_token`
+  redoes their count for the Llama block (RMSNorm, grouped-query attention, SwiGLU MLP, LoRA
+  side paths) term by term. With SDPA / FlashAttention the 5·a·s/h score term disappears (the
+  kernel keeps only the output and a log-sum-exp); with eager attention the fp32 softmax output
+  (a·s² per sequence) is kept per layer. With full activation checkpointing a layer keeps only
+  its input (2·s·b·h bytes at 16 bits in their notation) and one layer is recomputed at a time.
+* **logits** -- the output projection and its loss: the logits, their fp32 copy, the saved
+  log-softmax, its gradient and the gradient of the logits: at 64K tokens and a 128,256 vocabulary
+  one fp32 copy alone is 33.6 GB. Chunked cross-entropy (``losses/chunked_ce.py``, the idea of
+  Liger and Cut Cross-Entropy) holds the same for one chunk only.
+* **teacher** -- distillation: ``base`` reuses the student's weights with adapters disabled (no
+  second copy) and adds its logits; ``model`` adds a second set of weights too.
+* **overhead** -- the runtime: CUDA context and allocator slack on GPUs, thread pools and
+  allocator slack on CPU, calibrated by ``bench/planner_accuracy.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from ..errors import ModelLoadError, PlanError
+
+GiB = 2**30
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# NF4 weight (4 bits) + fp8 absmax per 64 weights + fp32 second-level absmax per 256 blocks (QLoRA §2).
+NF4_BYTES_PER_WEIGHT = (4 + 8 / 64 + 32 / (64 * 256)) / 8
+
+Strategy = Literal["lora", "block_expansion", "full"]
+Quantization = Literal["none", "4bit"]
+Attention = Literal["sdpa", "eager", "flash_attention_2"]
+TeacherMode = Literal["none", "base", "model"]
+Backend = Literal["cuda", "mps", "cpu"]
+
+# Runtime overhead (bytes): CUDA context + cuBLAS workspace; on CPU the thread pools and glibc
+# arenas that a training step touches (measured as the RSS delta of a near-empty step).
+CUDA_CONTEXT_BYTES = int(0.75 * GiB)
+CUDA_ALLOCATOR_SLACK = 0.05  # caching-allocator fragmentation, fraction of the tensors' total
+CPU_RUNTIME_BYTES = 48 * 2**20
+CPU_ALLOCATOR_SLACK = 0.05
+
+
+# ------------------------------------------------------------------------------------------
+# Model hyper-parameters
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The hyper-parameters of a Llama-family decoder (Llama, Mistral, Qwen2, ...) that decide
+    its parameter count and memory. Read from a ``config.json`` with :meth:`from_config`."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    max_position_embeddings: int | None = None
+    model_type: str = "llama"
+    name: str = "model"
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | Any, source: str = "config") -> "ModelDims":
+        """From a transformers config object or the dict of its ``config.json``."""
+        data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+        missing = [k for k in required if not isinstance(data.get(k), int) or data.get(k) <= 0]
+        if missing:
+            raise ModelLoadError(
+                f"{source} lacks positive integer {', '.join(missing)}; the planner needs a decoder-only "
+                "transformer config (Llama, Mistral, Qwen2 and alike).",
+                hint="Point --model at a folder whose config.json has these hyper-parameters.",
+            )
+        heads = data["num_attention_heads"]
+        kv = data.get("num_key_value_heads") or heads
+        head_dim = data.get("head_dim") or data["hidden_size"] // heads
+        name = data.get("_name_or_path") or (data.get("architectures") or [data.get("model_type", "model")])[0]
+        return cls(
+            hidden_size=data["hidden_size"],
+            num_layers=data["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=kv,
+            head_dim=head_dim,
+            intermediate_size=data["intermediate_size"],
+            vocab_size=data["vocab_size"],
+            tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
+            attention_bias=bool(data.get("attention_bias", data.get("model_type") == "qwen2")),
+            max_position_embeddings=data.get("max_position_embeddings"),
+            model_type=str(data.get("model_type", "llama")),
+            name=str(name),
+        )
+
+    # -- shapes and counts -------------------------------------------------------------------
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear layer of one decoder block."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {
+            "q_proj": (h, self.q_dim),
+            "k_proj": (h, self.kv_dim),
+            "v_proj": (h, self.kv_dim),
+            "o_proj": (self.q_dim, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    def block_linear_params(self) -> int:
+        params = sum(a * b for a, b in self.linear_shapes().values())
+        if self.attention_bias:
+            params += self.q_dim + 2 * self.kv_dim
+        return params
+
+    def block_params(self) -> int:
+        return self.block_linear_params() + 2 * self.hidden_size  # + two RMSNorm weights
+
+    def embedding_params(self) -> int:
+        """Input embeddings plus the output head when it is not tied."""
+        per = self.vocab_size * self.hidden_size
+        return per if self.tie_word_embeddings else 2 * per
+
+    def n_params(self, extra_layers: int = 0) -> int:
+        return (self.num_layers + extra_layers) * self.block_params() + self.embedding_params() + self.hidden_size
+
+
+def read_model_dims(path: str | Path) -> ModelDims:
+    """From a model folder holding ``config.json`` (or the file itself)."""
+    p = Path(path)
+    file = p / "config.json" if p.is_dir() else p
+    if not file.is_file():
+        raise ModelLoadError(
+            f"No model config at {file}.",
+            hint="Pass a Hugging Face model folder containing config.json (or builtin:demo).",
+        )
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{file} is not readable JSON ({exc}).", hint="Restore or re-download the config.") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{file} must hold a JSON object.", hint="Restore or re-download the config.")
+    dims = ModelDims.from_config(data, source=str(file))
+    return dims if data.get("_name_or_path") else replace(dims, name=p.name if p.is_dir() else p.parent.name)
+
+
+# ------------------------------------------------------------------------------------------
+# What is trained
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StrategyPlan:
+    """What the memory planner needs to know about the scaling strategy.
+
+    ``rank_pattern`` maps PEFT pattern keys (regular expressions matched against the end of a
+    module name, e.g. ``layers.3.self_attn.q_proj``) to ranks, as in ``LoraConfig.rank_pattern``.
+    """
+
+    strategy: Strategy = "lora"
+    lora_rank: int = 16
+    lora_targets: tuple[str, ...] = ALL_LINEAR
+    lora_dropout: float = 0.0
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    use_dora: bool = False
+    new_blocks: int = 0
+    train_norms: bool = False
+    train_embeddings: bool = False
+
+
+def module_names(dims: ModelDims, layers: int | None = None) -> list[tuple[int, str, str]]:
+    """(layer, short name, full name) of every linear layer in the decoder."""
+    out = []
+    for layer in range(dims.num_layers if layers is None else layers):
+        for short in ALL_LINEAR:
+            part = "self_attn" if short in ATTENTION_MODULES else "mlp"
+            out.append((layer, short, f"model.layers.{layer}.{part}.{short}"))
+    return out
+
+
+def rank_for(full_name: str, default: int, rank_pattern: Mapping[str, int]) -> int:
+    """The rank PEFT gives a module: the first matching ``rank_pattern`` key, else the default."""
+    for key, rank in rank_pattern.items():
+        if re.match(rf"(.*\.)?({key})$", full_name):
+            return int(rank)
+    return default
+
+
+def lora_params(dims: ModelDims, rank: int, targets: tuple[str, ...] | list[str],
+                rank_pattern: Mapping[str, int] | None = None, use_dora: bool = False) -> int:
+    """Trainable parameters of LoRA adapters: r·(in + out) per adapted linear layer (+ the DoRA
+    magnitude vector, one value per output feature)."""
+    shapes = dims.linear_shapes()
+    total = 0
+    for _, short, full in module_names(dims):
+        if short not in targets:
+            continue
+        fan_in, fan_out = shapes[short]
+        total += rank_for(full, rank, rank_pattern or {}) * (fan_in + fan_out) + (fan_out if use_dora else 0)
+    return total
+
+
+def trainable_params(dims: ModelDims, plan: StrategyPlan) -> int:
+    extra = 0
+    if plan.train_norms:
+        extra += (dims.num_layers + plan.new_blocks) * 2 * dims.hidden_size + dims.hidden_size
+    if plan.train_embeddings:
+        extra += dims.embedding_params()
+    if plan.strategy == "lora":
+        return lora_params(dims, plan.lora_rank, plan.lora_targets, plan.rank_pattern, plan.use_dora) + extra
+    if plan.strategy == "block_expansion":
+        # the new blocks' norms are part of block_params; do not count them twice
+        norms_of_new = plan.new_blocks * 2 * dims.hidden_size if plan.train_norms else 0
+        return plan.new_blocks * dims.block_params() + extra - norms_of_new
+    return dims.n_params()
+
+
+# ------------------------------------------------------------------------------------------
+# The estimate
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryRequest:
+    """One training configuration to plan for."""
+
+    seq_len: int
+    micro_batch: int = 1
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    quantization: Quantization = "none"
+    gradient_checkpointing: bool = True
+    attn_implementation: Attention = "sdpa"
+    loss_chunk: int | None = 1024
+    teacher: TeacherMode = "none"
+    teacher_dims: ModelDims | None = None
+    backend: Backend = "cuda"
+
+    def check(self) -> None:
+        problems = []
+        if self.seq_len < 1:
+            problems.append(f"seq_len must be >= 1 (got {self.seq_len})")
+        if self.micro_batch < 1:
+            problems.append(f"micro_batch must be >= 1 (got {self.micro_batch})")
+        if self.loss_chunk is not None and self.loss_chunk < 1:
+            problems.append(f"loss_chunk must be >= 1 or None for the stock loss (got {self.loss_chunk})")
+        if self.dtype not in DTYPE_BYTES:
+            problems.append(f"dtype must be one of {sorted(DTYPE_BYTES)} (got {self.dtype!r})")
+        if self.teacher == "model" and self.teacher_dims is None:
+            problems.append("teacher='model' needs teacher_dims (the teacher's config)")
+        if problems:
+            raise PlanError("Invalid memory request: " + "; ".join(problems) + ".")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak bytes of one training step, by component."""
+
+    weights: int
+    trainable: int
+    activations: int
+    logits: int
+    teacher: int
+    overhead: int
+    notes: tuple[str, ...] = ()
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.trainable + self.activations + self.logits + self.teacher + self.overhead
+
+    def breakdown_gb(self) -> dict[str, float]:
+        parts = {k: getattr(self, k) for k in ("weights", "trainable", "activations", "logits", "teacher", "overhead")}
+        parts["total"] = self.total
+        return {k: round(v / GiB, 3) for k, v in parts.items()}
+
+    def fits(self, budget_bytes: float | None) -> bool | None:
+        """True/False, or None when the budget is unknown (never guessed)."""
+        return None if budget_bytes is None else self.total <= budget_bytes
+
+
+def weight_bytes(dims: ModelDims, plan: StrategyPlan, req: MemoryRequest) -> int:
+    layers = dims.num_layers + (plan.new_blocks if plan.strategy == "block_expansion" else 0)
+    compute = DTYPE_BYTES[req.dtype]
+    if req.quantization == "4bit":
+        # QLoRA: only the frozen decoder linears are NF4; new (trainable) blocks stay in 16 bits.
+        quantised_layers = dims.num_layers
+        linear = quantised_layers * dims.block_linear_params() * NF4_BYTES_PER_WEIGHT
+        rest = (layers - quantised_layers) * dims.block_linear_params() * compute
+        norms = layers * 2 * dims.hidden_size * compute
+        return int(linear + rest + norms + (dims.embedding_params() + dims.hidden_size) * compute)
+    return dims.n_params(layers - dims.num_layers) * compute
+
+
+def trainable_state_bytes(dims: ModelDims, plan: StrategyPlan, req: MemoryRequest) -> int:
+    n = trainable_params(dims, plan)
+    if plan.strategy == "lora":
+        # fp32 adapter weights + fp32 grads + AdamW m, v + one fp32 temporary of the foreach step
+        adapters = lora_params(dims, plan.lora_rank, plan.lora_targets, plan.rank_pattern, plan.use_dora)
+        other = n - adapters  # norms / embeddings trained in the model dtype, modules_to_save copies
+        return adapters * 20 + other * (DTYPE_BYTES[req.dtype] * 4 + 4)
+    # base parameters trained in place: weights are in `weights`; grads + m + v + temporary
+    return n * (DTYPE_BYTES[req.dtype] * 3 + 4)
+
+
+def layer_activation_bytes_per_token(dims: ModelDims, plan: StrategyPlan, req: MemoryRequest,
+                                     seq_len: int | None = None) -> float:
+    """Bytes one decoder layer saves for backward, per token (Korthikanti et al. 2022, redone
+    for the Llama block).
+
+    a = activation bytes (2 for bf16/fp16 and 4-bit QLoRA's compute dtype, 4 for fp32):
+      RMSNorm x2:   the fp32 input (pow/mul) + the output the projections read   -> 2·(4h + a·h)
+                    (+ the normalised value the weight multiply keeps, when norms train)
+      attention:    q, k, v after RoPE + the SDPA output + its reshaped copy for o_proj
+                    -> a·(3·q_dim + 2·kv_dim); eager repeats k, v to q_dim and keeps the fp32
+                    softmax (4·heads·s) and, at 16 bits, its cast (a·heads·s)
+      SwiGLU MLP:   gate, silu(gate), up, silu(gate)·up                            -> a·4·I
+      LoRA:         lora_A outputs (r per module, fp32) and, with dropout, a dropped copy of
+                    each adapted module's input plus its mask
+    """
+    s = seq_len or req.seq_len
+    h, q, kv, i = dims.hidden_size, dims.q_dim, dims.kv_dim, dims.intermediate_size
+    a = DTYPE_BYTES[req.dtype]
+    norms = 2 * (4 * h + a * h + (a * h if plan.train_norms or plan.strategy != "lora" else 0))
+    if req.attn_implementation == "eager":
+        attention = a * (3 * q + 2 * q) + dims.num_heads * s * (4 + (a if a != 4 else 0))
+    else:
+        attention = a * (3 * q + 2 * kv)
+    mlp = a * 4 * i
+    lora = 0.0
+    if plan.strategy == "lora":
+        shapes = dims.linear_shapes()
+        targets = [t for t in plan.lora_targets if t in shapes]
+        lora = 4 * plan.lora_rank * len(targets)
+        if plan.lora_dropout > 0:
+            lora += sum((a + 1) * shapes[t][0] for t in targets)
+    return norms + attention + mlp + lora
+
+
+def activation_bytes(dims: ModelDims, plan: StrategyPlan, req: MemoryRequest) -> int:
+    layers = dims.num_layers + (plan.new_blocks if plan.strategy == "block_expansion" else 0)
+    tokens = req.seq_len * req.micro_batch
+    a = DTYPE_BYTES[req.dtype]
+    per_layer = layer_activation_bytes_per_token(dims, plan, req) * tokens
+    if plan.strategy == "block_expansion":
+        # frozen old blocks below the first new block need not keep anything, but LLaMA Pro
+        # interleaves new blocks from the bottom up, so every block sits on the gradient path.
+        pass
+    if req.gradient_checkpointing:
+        # each layer keeps its input; one layer is recomputed at a time in backward
+        saved = layers * a * dims.hidden_size * tokens + per_layer
+    else:
+        saved = layers * per_layer
+    # embeddings output, final norm (fp32 input + output) and the gradient of the hidden state
+    # travelling down the stack (two of them live while a layer's backward runs)
+    edges = tokens * dims.hidden_size * (a + 4 + a + 2 * max(a, 4))
+    transient = 0
+    if req.attn_implementation == "eager":
+        # the additive causal mask (b·s² in the model dtype, shared by the layers) and, in one
+        # layer at a time, the raw scores and the softmax gradient
+        transient = req.micro_batch * req.seq_len**2 * (a + dims.num_heads * (a + 4))
+    return int(saved + edges + transient)
+
+
+def logits_bytes(dims: ModelDims, req: MemoryRequest, *, teacher: bool = False) -> int:
+    """The output projection and the loss: logits (a), their fp32 copy (when a != 4), the saved
+    log-softmax, its gradient and the logits' gradient (4 each) -- for the whole sequence with
+    the stock loss, for one chunk with the chunked loss. A teacher keeps logits and log-probs."""
+    a = DTYPE_BYTES[req.dtype]
+    positions = req.seq_len if req.loss_chunk is None else min(req.loss_chunk, req.seq_len)
+    per_logit = (a + 4) if teacher else (a + (4 if a != 4 else 0) + 12)
+    return int(req.micro_batch * positions * dims.vocab_size * per_logit)
+
+
+def teacher_bytes(dims: ModelDims, plan: StrategyPlan, req: MemoryRequest) -> int:
+    if req.teacher == "none":
+        return 0
+    t_dims = req.teacher_dims if req.teacher == "model" else dims
+    t_logits = logits_bytes(t_dims, req, teacher=True)
+    # a no-grad forward holds about one layer's working set at a time
+    working = int(layer_activation_bytes_per_token(t_dims, StrategyPlan(strategy="full"), req)
+                  * req.seq_len * req.micro_batch)
+    if req.teacher == "base":
+        return t_logits + working
+    t_weights = weight_bytes(t_dims, StrategyPlan(strategy="full"), req)
+    return t_weights + t_logits + working
+
+
+def estimate_memory(dims: ModelDims, plan: StrategyPlan, req: MemoryRequest) -> MemoryEstimate:
+    """Peak memory of one optimizer step on one device (data parallel replicates it)."""
+    req.check()
+    notes = []
+    if req.quantization == "4bit" and req.backend != "cuda":
+        notes.append("4-bit QLoRA needs CUDA and bitsandbytes; estimated as if they were present")
+    if req.quantization == "4bit" and plan.strategy == "full":
+        raise PlanError("Full fine-tuning cannot train 4-bit weights.", hint="Use strategy lora (QLoRA).")
+    w = weight_bytes(dims, plan, req)
+    t = trainable_state_bytes(dims, plan, req)
+    act = activation_bytes(dims, plan, req)
+    lg = logits_bytes(dims, req)
+    te = teacher_bytes(dims, plan, req)
+    tensors = w + t + act + lg + te
+    if req.backend == "cuda":
+        overhead = CUDA_CONTEXT_BYTES + int(CUDA_ALLOCATOR_SLACK * tensors)
+    else:
+        overhead = CPU_RUNTIME_BYTES + int(CPU_ALLOCATOR_SLACK * tensors)
+    if req.attn_implementation == "eager" and req.seq_len > 8192:
+        notes.append("eager attention keeps the full score matrix per layer; use sdpa or flash_attention_2")
+    return MemoryEstimate(w, t, act, lg, te, overhead, tuple(notes))
+
+
+def max_seq_len(dims: ModelDims, plan: StrategyPlan, req: MemoryRequest, budget_bytes: float,
+                *, multiple_of: int = 256, upper: int = 1 << 21) -> int:
+    """The longest sequence (a multiple of ``multiple_of``) whose estimate fits ``budget_bytes``;
+    0 when not even ``multiple_of`` tokens fit. Memory grows monotonically with length."""
+    def fits(n: int) -> bool:
+        return estimate_memory(dims, plan, replace(req, seq_len=n)).total <= budget_bytes
+
+    if not fits(multiple_of):
+        return 0
+    lo, hi = 1, max(1, upper // multiple_of)
+    while lo < hi:  # largest k with fits(k * multiple_of)
+        mid = (lo + hi + 1) // 2
+        if fits(mid * multiple_of):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * multiple_of
+
+
+def format_bytes(n: float | None) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "unknown"
+    return f"{n / GiB:.2f} GiB"

@@ -1,0 +1,84 @@
+"""The `scaler-wizard hardware` and `scaler-wizard plan` commands (typer functions; cli.py
+registers them and maps our exceptions to exit codes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .hardware import HardwareProfile, detect_hardware, load_hardware_profile
+from .memory import GiB
+from .profiles import USE_CASES, recommend, write_recommendation
+
+console = Console()
+
+
+def hardware(
+    json_output: bool = typer.Option(False, "--json", help="print the profile as JSON (editable, reusable)"),
+    output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="where runs go (its free disk is reported)"),
+) -> None:
+    """Show this machine's GPUs, memory and disk as the planner sees them (unknowns say so)."""
+    profile = detect_hardware(output_dir)
+    if json_output:
+        typer.echo(json.dumps(profile.model_dump(mode="json"), indent=2))
+        return
+    table = Table(title="hardware")
+    table.add_column("item")
+    table.add_column("value")
+    for k, v in profile.summary_rows():
+        table.add_row(k, v)
+    console.print(table)
+
+
+def plan(
+    model: str = typer.Option(..., "--model", "-m", help="model folder with config.json, or builtin:demo"),
+    use_case: str = typer.Option("long_context", "--use-case", "-u", help=f"one of {', '.join(USE_CASES)}"),
+    target_context: Optional[int] = typer.Option(None, "--target-context", "-c", help="tokens; default per use case"),
+    capacity: Optional[float] = typer.Option(
+        None, "--capacity", help="trainable parameters as a fraction of the base (0 < c <= 1); default per use case"
+    ),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the recipe here"),
+    explain: bool = typer.Option(False, "--explain", help="show the reason for every value"),
+    hardware_file: Optional[Path] = typer.Option(
+        None, "--hardware", help="plan for this hardware profile (YAML/JSON) instead of this machine"
+    ),
+    dataset_tokens: Optional[int] = typer.Option(None, "--dataset-tokens", help="size of your data in tokens"),
+) -> None:
+    """Recommend a recipe for a use case, this (or a given) machine and a model."""
+    profile: HardwareProfile = load_hardware_profile(hardware_file) if hardware_file else detect_hardware(
+        output.parent if output else Path(".")
+    )
+    rec = recommend(use_case, model, profile, target_context=target_context, capacity=capacity,
+                    dataset_tokens=dataset_tokens)
+    p = rec.plan
+    budget = "unknown" if p.memory_budget_bytes is None else f"{p.memory_budget_bytes / GiB:.1f} GiB"
+    console.print(
+        f"[bold]{use_case}[/] on {profile.accelerator}: context {rec.base_length} -> {rec.target_length}, "
+        f"LoRA r={p.options['rank']} ({p.trainable_params:,} trainable, {100 * p.capacity_used:.3f}% of "
+        f"{p.base_params:,}), peak ~{p.memory.total / GiB:.2f} GiB of {budget}"
+    )
+    mem = Table(title="memory estimate (GiB)")
+    for k in p.memory.breakdown_gb():
+        mem.add_column(k, justify="right")
+    mem.add_row(*[f"{v:.3f}" for v in p.memory.breakdown_gb().values()])
+    console.print(mem)
+    if explain:
+        table = Table(title="why")
+        table.add_column("field")
+        table.add_column("value")
+        table.add_column("reason")
+        for field, value, reason in p.explain():
+            table.add_row(field, value, reason)
+        for a in rec.adjustments:
+            table.add_row(a.field, repr(a.after), a.reason)
+        console.print(table)
+    for note in rec.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    if output:
+        write_recommendation(rec, output)
+        console.print(f"recipe written to {output} (validated); run it with `scaler-wizard run {output}`")

@@ -1,0 +1,338 @@
+"""Scaling strategies: how a model gains trainable capacity.
+
+A strategy is any object satisfying :class:`ScalerStrategy`. Built in:
+
+* ``lora`` -- PEFT LoRA adapters (with rsLoRA and DoRA options, per-module ``rank_pattern``);
+* ``block_expansion`` -- real parameter growth in the style of LLaMA Pro (Wu et al. 2024,
+  "LLaMA Pro: Progressive LLaMA with Block Expansion"): new decoder blocks are inserted after
+  evenly spaced groups of the original ones, each a copy of the block below it with its output
+  projections (``o_proj``, ``down_proj``) zeroed, so every new block is an identity map through
+  its residual connections and the model's output is unchanged at insertion. The old blocks are
+  frozen; only the new ones train (optionally with the norms and embeddings). The result is a
+  plain, larger Hugging Face model (``num_hidden_layers`` increased, ``layer_idx`` renumbered)
+  that loads with ``transformers`` alone.
+
+Third-party strategies register with :func:`register_strategy` or through the entry-point group
+``scaler_wizard.strategies`` (the entry point names a strategy object, or a class / factory
+taking no arguments). A broken plugin is reported by :func:`load_plugins` and never takes the
+built-ins down.
+
+Torch, transformers and peft are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import copy
+import keyword
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import PlanError, PluginError, UnsupportedMethodError
+from .memory import ALL_LINEAR, ModelDims, StrategyPlan
+
+ENTRY_POINT_GROUP = "scaler_wizard.strategies"
+
+
+@runtime_checkable
+class ScalerStrategy(Protocol):
+    """What a scaling strategy provides.
+
+    ``plan`` is pure (the memory planner and the rank resolver call it without a model);
+    ``prepare`` turns a loaded causal LM into the model to train (only the new capacity
+    trainable); ``export`` writes something plain ``transformers`` (or ``peft``) loads.
+    """
+
+    name: str
+    description: str
+
+    def plan(self, dims: ModelDims, options: Mapping[str, Any]) -> StrategyPlan: ...
+
+    def prepare(self, model: Any, options: Mapping[str, Any]) -> Any: ...
+
+    def export(self, model: Any, output_dir: Path) -> Path: ...
+
+
+_REGISTRY: dict[str, ScalerStrategy] = {}
+_PLUGIN_PROBLEMS: list[str] = []
+_PLUGINS_LOADED = False
+
+
+def register_strategy(strategy: Any, *, replace: bool = False) -> ScalerStrategy:
+    """Add a strategy to the registry after checking that it really is one."""
+    name = getattr(strategy, "name", None)
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+        raise PluginError(
+            f"Strategy {strategy!r} needs a `name` that is a Python identifier (got {name!r}).",
+            hint="Set a class attribute such as name = 'my_strategy'.",
+        )
+    missing = [m for m in ("plan", "prepare", "export") if not callable(getattr(strategy, m, None))]
+    if not isinstance(getattr(strategy, "description", None), str):
+        missing.append("description (str)")
+    if missing:
+        raise PluginError(
+            f"Strategy {name!r} does not implement the ScalerStrategy protocol: missing {', '.join(missing)}.",
+            hint="See scaler_wizard.scaling.strategies.ScalerStrategy.",
+        )
+    if name in _REGISTRY and not replace and _REGISTRY[name] is not strategy:
+        raise PluginError(
+            f"A strategy named {name!r} is already registered ({type(_REGISTRY[name]).__name__}).",
+            hint="Choose another name, or pass replace=True to override it on purpose.",
+        )
+    _REGISTRY[name] = strategy
+    return strategy
+
+
+def unregister_strategy(name: str) -> None:
+    """Remove a strategy (tests, or a plugin replacing a built-in on purpose)."""
+    _REGISTRY.pop(name, None)
+
+
+def load_plugins(*, reload: bool = False) -> list[str]:
+    """Register the strategies advertised under the ``scaler_wizard.strategies`` entry points.
+
+    Returns the problems found (one line per broken plugin) instead of raising, so one bad
+    plugin cannot take the others down; :func:`get_strategy` repeats them when a name is missing.
+    """
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED and not reload:
+        return list(_PLUGIN_PROBLEMS)
+    _PLUGIN_PROBLEMS.clear()
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+            strategy = obj() if isinstance(obj, type) or (callable(obj) and not hasattr(obj, "prepare")) else obj
+            if getattr(strategy, "name", None) != ep.name:
+                raise PluginError(
+                    f"entry point {ep.name!r} loads a strategy named {getattr(strategy, 'name', None)!r}"
+                )
+            register_strategy(strategy, replace=reload)
+        except Exception as exc:  # a plugin can fail in any way; report it, keep going
+            _PLUGIN_PROBLEMS.append(f"{ep.name} ({ep.value}): {type(exc).__name__}: {exc}")
+    _PLUGINS_LOADED = True
+    return list(_PLUGIN_PROBLEMS)
+
+
+def available_strategies() -> list[str]:
+    load_plugins()
+    return sorted(_REGISTRY)
+
+
+def get_strategy(name: str) -> ScalerStrategy:
+    load_plugins()
+    if name not in _REGISTRY:
+        broken = f" Plugins that failed to load: {'; '.join(_PLUGIN_PROBLEMS)}." if _PLUGIN_PROBLEMS else ""
+        raise PluginError(
+            f"Unknown scaling strategy {name!r}; available: {', '.join(sorted(_REGISTRY))}.{broken}",
+            hint=f"Install a package that provides it under the {ENTRY_POINT_GROUP!r} entry points.",
+        )
+    return _REGISTRY[name]
+
+
+def _validate(model_cls: type[BaseModel], options: Mapping[str, Any], strategy: str) -> Any:
+    try:
+        return model_cls.model_validate(dict(options))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(options)'}: {e['msg']}" for e in exc.errors())
+        raise PlanError(f"Invalid options for strategy {strategy!r}: {problems}.") from None
+
+
+# ------------------------------------------------------------------------------------------
+# lora
+# ------------------------------------------------------------------------------------------
+
+
+class LoraOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(16, ge=1, le=4096)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: list[str] = Field(default_factory=list)
+    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+
+    def targets(self) -> tuple[str, ...]:
+        if self.target_modules == "all-linear":
+            return ALL_LINEAR
+        return tuple([self.target_modules] if isinstance(self.target_modules, str) else self.target_modules)
+
+    def to_peft(self) -> Any:
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+            use_rslora=self.use_rslora,
+            use_dora=self.use_dora,
+            modules_to_save=self.modules_to_save or None,
+            rank_pattern=dict(self.rank_pattern),
+            alpha_pattern=dict(self.alpha_pattern),
+            task_type="CAUSAL_LM",
+        )
+
+
+class LoraStrategy:
+    name = "lora"
+    description = "PEFT LoRA adapters (rsLoRA, DoRA, per-module ranks); exported merged or as an adapter"
+
+    def options(self, options: Mapping[str, Any]) -> LoraOptions:
+        return _validate(LoraOptions, options, self.name)
+
+    def plan(self, dims: ModelDims, options: Mapping[str, Any]) -> StrategyPlan:
+        o = self.options(options)
+        saved = set(o.modules_to_save)
+        return StrategyPlan(
+            strategy="lora", lora_rank=o.rank, lora_targets=o.targets(), lora_dropout=o.dropout,
+            rank_pattern=dict(o.rank_pattern), use_dora=o.use_dora,
+            train_norms=any("norm" in m for m in saved),
+            train_embeddings=bool(saved & {"embed_tokens", "lm_head"}),
+        )
+
+    def prepare(self, model: Any, options: Mapping[str, Any]) -> Any:
+        from peft import get_peft_model
+
+        return get_peft_model(model, self.options(options).to_peft())
+
+    def export(self, model: Any, output_dir: Path) -> Path:
+        """Merge the adapters into the base weights and save a plain model (safetensors)."""
+        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        merged.save_pretrained(str(output_dir))
+        return Path(output_dir)
+
+
+# ------------------------------------------------------------------------------------------
+# block_expansion
+# ------------------------------------------------------------------------------------------
+
+
+class BlockExpansionOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    new_blocks: int = Field(..., ge=1, description="decoder blocks to add")
+    train_norms: bool = False
+    train_embeddings: bool = False
+
+
+def insertion_points(num_layers: int, new_blocks: int) -> list[int]:
+    """Indices (in the original stack) after which a new block goes: the end of each of
+    ``new_blocks`` evenly sized groups (LLaMA Pro's interleaving). Pure."""
+    if new_blocks < 1:
+        raise PlanError(f"new_blocks must be >= 1 (got {new_blocks}).")
+    if new_blocks > num_layers:
+        raise PlanError(
+            f"Cannot add {new_blocks} blocks to a {num_layers}-layer model: at most one new block per "
+            "original block.", hint=f"Use new_blocks <= {num_layers}.",
+        )
+    return [round((k + 1) * num_layers / new_blocks) - 1 for k in range(new_blocks)]
+
+
+def _decoder(model: Any) -> Any:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = getattr(base, getattr(base, "base_model_prefix", "model"), None)
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise UnsupportedMethodError(
+            f"block_expansion needs a decoder with a `layers` list (Llama, Mistral, Qwen2 ...); "
+            f"{type(base).__name__} has none.", hint="Use the lora strategy for this model.",
+        )
+    return base, decoder
+
+
+def _zero_output_projections(block: Any) -> None:
+    """Zero the projections that write into the residual stream: the block becomes identity."""
+    import torch
+
+    attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+    outs = [getattr(attn, "o_proj", None), getattr(mlp, "down_proj", None)]
+    if any(o is None for o in outs):
+        raise UnsupportedMethodError(
+            f"block_expansion expects self_attn.o_proj and mlp.down_proj in each block; {type(block).__name__} "
+            "differs.", hint="Use the lora strategy for this model.",
+        )
+    with torch.no_grad():
+        for proj in outs:
+            proj.weight.zero_()
+            if getattr(proj, "bias", None) is not None:
+                proj.bias.zero_()
+
+
+def expand_blocks(model: Any, new_blocks: int) -> list[int]:
+    """Insert identity-initialised copies of blocks in place; returns the new blocks' indices."""
+    import torch
+
+    base, decoder = _decoder(model)
+    old = list(decoder.layers)
+    after = set(insertion_points(len(old), new_blocks))
+    stack, new_idx = [], []
+    for i, block in enumerate(old):
+        stack.append(block)
+        if i in after:
+            twin = copy.deepcopy(block)
+            _zero_output_projections(twin)
+            new_idx.append(len(stack))
+            stack.append(twin)
+    decoder.layers = torch.nn.ModuleList(stack)
+    for j, block in enumerate(stack):  # the KV cache is indexed by layer_idx
+        for mod in (block, getattr(block, "self_attn", None)):
+            if mod is not None and hasattr(mod, "layer_idx"):
+                mod.layer_idx = j
+    cfg = base.config
+    layer_types = getattr(cfg, "layer_types", None)
+    cfg.num_hidden_layers = len(stack)
+    if isinstance(layer_types, list) and len(layer_types) == len(old):
+        grown = []
+        for i, kind in enumerate(layer_types):
+            grown += [kind, kind] if i in after else [kind]
+        cfg.layer_types = grown
+    return new_idx
+
+
+class BlockExpansionStrategy:
+    name = "block_expansion"
+    description = "LLaMA Pro block expansion: new identity-initialised decoder blocks; old blocks frozen"
+
+    def options(self, options: Mapping[str, Any]) -> BlockExpansionOptions:
+        return _validate(BlockExpansionOptions, options, self.name)
+
+    def plan(self, dims: ModelDims, options: Mapping[str, Any]) -> StrategyPlan:
+        o = self.options(options)
+        insertion_points(dims.num_layers, o.new_blocks)  # fail early on an impossible count
+        return StrategyPlan(strategy="block_expansion", new_blocks=o.new_blocks,
+                            train_norms=o.train_norms, train_embeddings=o.train_embeddings)
+
+    def prepare(self, model: Any, options: Mapping[str, Any]) -> Any:
+        o = self.options(options)
+        new_idx = expand_blocks(model, o.new_blocks)
+        base, decoder = _decoder(model)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        for j in new_idx:
+            for p in decoder.layers[j].parameters():
+                p.requires_grad_(True)
+        if o.train_norms:
+            for name, p in base.named_parameters():
+                if "norm" in name:
+                    p.requires_grad_(True)
+        if o.train_embeddings:
+            base.get_input_embeddings().weight.requires_grad_(True)
+            base.get_output_embeddings().weight.requires_grad_(True)
+        base.scaler_wizard_new_blocks = new_idx  # plain attribute: not saved with the model
+        return model
+
+    def export(self, model: Any, output_dir: Path) -> Path:
+        """Save the grown model as an ordinary checkpoint (safetensors, larger config)."""
+        base, _ = _decoder(model)
+        base.save_pretrained(str(output_dir))
+        return Path(output_dir)
+
+
+register_strategy(LoraStrategy())
+register_strategy(BlockExpansionStrategy())
