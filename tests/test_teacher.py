@@ -148,6 +148,15 @@ def test_base_teacher_needs_adapters(base_folder):
         build_teacher("base", plain, original_config=plain.config)
 
 
+def test_base_teacher_refuses_learned_position_tables():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32))
+    peft_model = get_peft_model(gpt2, LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    with pytest.raises(PlanError, match="learned position table"):
+        BaseModelTeacher(peft_model, copy.deepcopy(gpt2.config))
+
+
 def test_model_teacher_vocabulary_mismatch_names_both_sizes(tmp_path, base_folder, scaled_student):
     peft_model, _ = scaled_student
     other = save_tiny(tmp_path / "big", vocab=80)

@@ -130,12 +130,14 @@ def validate(recipe: Path = typer.Argument(..., help="YAML recipe to check")) ->
 def _register_subcommands() -> None:
     from .cache.cache_cli import cache_app, rollback_command
     from .cockpit.cockpit_cli import cockpit
+    from .distill.distill_cli import distill_app
     from .safety.contract_cli import contract_app
 
     app.add_typer(contract_app, name="contract")
     app.add_typer(cache_app, name="cache")
     app.command("rollback")(rollback_command)
     app.command("cockpit")(cockpit)
+    app.add_typer(distill_app, name="distill")
 
 
 _register_subcommands()

@@ -26,7 +26,7 @@ from . import __version__
 from .context.methods import apply_to_model, base_context_length, get_context_method
 from .context.schedule import Stage, build_stages
 from .data import build_stage_rows, load_texts, split_heldout, token_stream
-from .errors import ModelLoadError, PlanError, ScalerWizardError
+from .errors import ModelLoadError, PlanError, RunHalted, ScalerWizardError
 from .evaluation.passkey import PasskeyBuilder
 from .evaluation.probes import (
     PasskeyProbe,
@@ -384,7 +384,7 @@ def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, 
             ctx.baseline[f"perplexity@{base_length}"] = r.metrics["perplexity"]
     base_ppl = ctx.baseline.get(f"perplexity@{base_length}")
 
-    # 4. Adapters (PEFT LoRA).
+    # 4. Adapters (PEFT LoRA), the teacher, and the run's guards.
     lora = recipe.scaling.lora
     peft_config = LoraConfig(
         r=lora.rank,
@@ -400,55 +400,82 @@ def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, 
     trainable, total = model.get_nb_trainable_parameters()
     writer.log(0, "model/trainable_params", trainable)
     writer.log(0, "model/total_params", total)
+    teacher, distill_config = prepare_distillation(recipe, model, tokenizer, original_config, base_length)
+
+    guards = RunGuards(recipe, run_dir, writer, baseline=ctx.baseline)
+    lr = recipe.training.learning_rate
 
     # 5. Stages: scale positions, train, probe, gate.
     from .training.stage_trainer import StageTelemetryCallback, train_stage
+    from .training.safety_callback import SafetyCallback
 
     passkey_builder = PasskeyBuilder(tokenizer, tokenizer.bos_token_id) if recipe.data.synthetic_passkey_share else None
     outcomes: list[StageOutcome] = []
     global_step = 0
     first_losses, last_losses = [], []
+    rows_per_stage_step = recipe.training.micro_batch_size * recipe.training.gradient_accumulation_steps
     for stage in stages:
         t_stage = time.time()
         write_json_atomic(run_dir / "status.json", {"state": "running", "stage": stage.index, "stages": len(stages),
                                                     "length": stage.length, "updated_at": utc_now()})
         apply_to_model(model, stage.method, base_length, stage.length, stage.method_params,
                        original_config=original_config)
-        snapshot = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+        stage_start = guards.snapshot(model, global_step, stage.index, pinned=True)
         attempts, steps_trained, decision = 0, 0, "pass"
         while True:
             attempts += 1
             rows = build_stage_rows(
                 train_stream,
                 stage.length,
-                stage.steps * recipe.training.micro_batch_size * recipe.training.gradient_accumulation_steps,
+                stage.steps * rows_per_stage_step,
                 passkey_share=recipe.data.synthetic_passkey_share,
                 passkey_builder=passkey_builder,
                 pad_id=tokenizer.pad_token_id,
                 seed=recipe.run.seed + 1000 * stage.index + attempts,
             )
-            tokens_per_step = stage.length * recipe.training.micro_batch_size * recipe.training.gradient_accumulation_steps
-            callback = StageTelemetryCallback(
+            rows = mix_in_replay(recipe, rows, train_stream, base_length, tokenizer.pad_token_id,
+                                 seed=recipe.run.seed + 7 * stage.index + attempts, teacher=teacher)
+            tokens_per_step = stage.length * rows_per_stage_step
+            side: dict = {}
+            telemetry = StageTelemetryCallback(
                 lambda step, name, value, _s=stage.index: writer.log(step, name, value, stage=_s),
-                tokens_per_step, global_step, on_step=reporter.advance_training,
+                tokens_per_step, global_step, on_step=reporter.advance_training, side_metrics=side,
             )
+            safety = SafetyCallback(guards.envelope, guards.telegrams, inbox=guards.inbox, step_offset=global_step,
+                                    stage=stage.index, tokens_per_step=tokens_per_step, metric_writer=writer)
             # the approval covers this stage's length, steps and data, or the run stops here
             check_scope(grant, stage_length=stage.length, steps_so_far=global_step, stage_steps=stage.steps,
                         recipe=recipe, stage_index=stage.index)
             reporter.start_training(stage, stage.steps)
-            train_stage(model, rows, recipe, stage.steps, run_dir / ".trainer", recipe.run.seed + stage.index,
-                        [callback])
+            trainer = train_stage(model, rows, recipe, stage.steps, run_dir / ".trainer",
+                                  recipe.run.seed + stage.index + 100 * attempts, [telemetry, safety],
+                                  learning_rate=lr, teacher=teacher, distill=distill_config, side_metrics=side)
             reporter.end_training()
-            global_step += stage.steps
-            steps_trained += stage.steps
-            if callback.losses:
+            done = trainer.state.global_step
+            global_step += done
+            steps_trained += done
+            guards.relay_telegrams()
+            if telemetry.losses:
                 if not first_losses:
-                    first_losses = callback.losses[:2]
-                last_losses = callback.losses[-2:]
+                    first_losses = telemetry.losses[:2]
+                last_losses = telemetry.losses[-2:]
+            if safety.requested_action in ("halt", "abort"):
+                raise RunHalted(
+                    f"Training stopped at step {safety.stopped_at_step} of stage {stage.index}: {safety.stop_reason}.",
+                    hint="See telegrams.jsonl in the run directory; snapshots are in the checkpoint cache.",
+                )
+            if safety.requested_action == "rollback":
+                # PaLM-style recovery: back to the last good snapshot, other batches, lower LR.
+                guards.restore(model, stage_start)
+                global_step = stage_start.step
+                lr = guards.envelope.rollback_lr(lr)
+                writer.log(global_step, "safety/rollback", 1.0, stage=stage.index, lr=lr, reason=safety.stop_reason)
+                continue
 
             reporter.phase(f"stage {stage.index}/{len(stages)}: probing at {stage.length} tokens")
             results = probe_at(model, stage.length, ctx, recipe, with_short=True)
             log_probe_results(writer, global_step, results, stage.index, "")
+            guards.observe_eval(global_step, stage.index, results)
             failed = gate(stage, results, base_ppl)
             if not failed:
                 decision = "pass"
@@ -466,10 +493,12 @@ def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, 
                                      not failed, decision, failed, round(time.time() - t_stage, 1)))
         writer.sync()
         if decision == "rollback":
-            model.load_state_dict(snapshot, strict=False)
+            guards.restore(model, stage_start)
             break
         if decision == "stop":
             break
+        guards.snapshot(model, global_step, stage.index, pinned=True, metrics=flatten_results(results))
+    guards.close()
 
     # 6. Final figures at every length, the adapter and the merged model.
     reporter.phase("final evaluation")
@@ -533,6 +562,104 @@ def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, 
 
     write_report(run_dir, summary, base_results, final_results)
     return summary
+
+
+class RunGuards:
+    """What watches a run: the safety envelope and its telegrams, the operator's control inbox,
+    the alert throttle, and the checkpoint cache holding the stage snapshots."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, writer: MetricWriter, baseline: dict[str, float]):
+        from .alerts.throttle import CognitiveLoadThrottle
+        from .cache.checkpoints import CheckpointCache, default_cache_root
+        from .safety.envelope import SafetyEnvelope
+        from .safety.telegrams import ControlInbox, TelegramWriter
+        from .telemetry.reader import JsonlTail
+
+        self.run_dir = run_dir
+        self.writer = writer
+        self.envelope = SafetyEnvelope(recipe.safety, baseline={f"eval/{k}": v for k, v in baseline.items()},
+                                       run_id=run_dir.name)
+        self.telegrams = TelegramWriter(run_dir)
+        self.inbox = ControlInbox(run_dir / "control.jsonl")
+        self.throttle = CognitiveLoadThrottle(recipe.alerts, log_path=run_dir / "alerts.jsonl")
+        self.cache = CheckpointCache(default_cache_root(resolve_path(recipe.run.output_dir)))
+        self._telegram_tail = JsonlTail(run_dir / "telegrams.jsonl", from_start=True)
+
+    def snapshot(self, model, step: int, stage: int, *, pinned: bool, metrics: dict | None = None):
+        from .cache.checkpoints import PHASE_STAGE_END
+        from .cache.state import save_snapshot
+
+        self.writer.sync()  # telemetry is durable up to every snapshot
+        return save_snapshot(self.cache, self.run_dir.name, step=step, model=model, stage=stage,
+                             phase=PHASE_STAGE_END, metrics=metrics or {}, pinned=pinned)
+
+    def restore(self, model, snap) -> None:
+        from .cache.state import load_snapshot
+
+        load_snapshot(self.cache, snap, model=model, restore_rng=False)
+        self.envelope.record_rollback(snap.step)
+
+    def observe_eval(self, step: int, stage: int, results: list[ProbeResult]) -> None:
+        metrics = {}
+        for r in results:
+            if r.error:
+                continue
+            if r.probe == "perplexity":
+                metrics[f"eval/perplexity@{r.length}"] = r.metrics["perplexity"]
+            elif r.probe == "short_context":
+                metrics[f"eval/short_context_regression_pct@{r.length}"] = r.metrics["regression_pct"]
+            elif r.probe == "passkey":
+                metrics[f"probe/passkey@{r.length}"] = r.metrics["accuracy"]
+        self.telegrams.write(self.envelope.observe(step, metrics, stage=stage), force=True)
+        self.relay_telegrams()
+
+    def relay_telegrams(self) -> None:
+        """Every warn/stop telegram becomes an alert request; the throttle decides the channels."""
+        severity = {"warn": "warning", "stop": "critical"}
+        for t in self._telegram_tail.poll():
+            if t.get("action") in severity:
+                reasons = "; ".join(t.get("reasons") or []) or t["action"]
+                self.throttle.request("safety", severity[t["action"]], reasons, key=f"safety/{t['action']}")
+
+    def close(self) -> None:
+        self.relay_telegrams()
+        self.throttle.flush()
+
+
+def prepare_distillation(recipe: Recipe, model, tokenizer, original_config, base_length: int):
+    """(teacher, DistillConfig) when distillation is on, else (None, None)."""
+    d = recipe.distillation
+    if not d.enabled:
+        return None, None
+    from .distill.losses import DistillConfig
+    from .distill.teacher import build_teacher
+
+    teacher = build_teacher(
+        d.teacher, model, original_config=original_config,
+        teacher_path=resolve_path(d.teacher_path) if d.teacher_path else None,
+        cache_dir=resolve_path(d.cache) if d.cache else None,
+        context_length=d.teacher_context_length or base_length,
+        dtype=recipe.model.dtype, student_tokenizer=tokenizer,
+    )
+    config = DistillConfig(divergence=d.divergence, beta=d.beta, temperature=d.temperature, kd_weight=d.kd_weight)
+    return teacher, config
+
+
+def mix_in_replay(recipe: Recipe, rows, train_stream: list[int], base_length: int, pad_id: int, seed: int,
+                  teacher: Any = None):
+    """Replace a share of the stage's rows by base-length rows of the original data (replay).
+    With an offline teacher the replay rows are the cache's own rows (their top-k is stored)."""
+    ratio = recipe.distillation.replay_ratio
+    if not ratio:
+        return rows
+    from .distill.replay import mix_replay, replay_count, sample_short_rows
+    from .distill.teacher import OfflineTeacher
+
+    if isinstance(teacher, OfflineTeacher):
+        replay = teacher.cache.token_rows()
+    else:
+        replay = sample_short_rows(train_stream, base_length, replay_count(len(rows), ratio), seed=seed)
+    return mix_replay(rows, replay, ratio, pad_id=pad_id, seed=seed)
 
 
 def export_merged(model, tokenizer, out: Path, stream: list[int], length: int, save_dtype: str) -> dict[str, Any]:

@@ -18,7 +18,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .alerts.throttle import ThrottlePolicy
 from .errors import RecipeError
+from .safety.envelope import EnvelopeConfig
+from .telemetry.remote import RemoteSinkConfig
 
 BUILTIN_PREFIX = "builtin:"
 DEMO_RECIPE = "builtin:recipes/demo.yaml"
@@ -137,6 +140,35 @@ class EvaluationSection(_Strict):
     evaluate_base_at: list[int] | None = Field(None, description="lengths to probe the base model at")
 
 
+class DistillationSection(_Strict):
+    """Knowledge preservation: ``(1-kd_weight)*CE + kd_weight*T^2*KD`` against a teacher."""
+
+    enabled: bool = False
+    teacher: Literal["base", "model", "offline"] = Field(
+        "base", description="base: the student's own frozen weights, adapters off, original positions"
+    )
+    teacher_path: str | None = Field(None, description="model folder for teacher: model")
+    cache: str | None = Field(None, description="offline top-k cache folder (scaler-wizard distill cache)")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = Field(0.5, ge=0, le=1, description="JSD(beta) mixing weight")
+    temperature: float = Field(1.0, gt=0)
+    kd_weight: float = Field(0.5, ge=0, le=1)
+    replay_ratio: float = Field(0.0, ge=0, lt=1, description="share of rows replaced by base-length replay rows")
+    teacher_context_length: int | None = Field(None, gt=0, description="default: the base context")
+
+    @model_validator(mode="after")
+    def _teacher_source(self) -> "DistillationSection":
+        if self.enabled and self.teacher == "model" and not self.teacher_path:
+            raise ValueError("distillation.teacher_path is required when teacher is 'model'")
+        if self.enabled and self.teacher == "offline" and not self.cache:
+            raise ValueError("distillation.cache is required when teacher is 'offline'")
+        return self
+
+
+class TelemetrySection(_Strict):
+    remote: RemoteSinkConfig = Field(default_factory=RemoteSinkConfig)
+
+
 class OutputSection(_Strict):
     merge: bool = Field(True, description="also save merged weights in model/")
     save_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -151,6 +183,10 @@ class Recipe(_Strict):
     context: ContextSection
     training: TrainingSection = Field(default_factory=TrainingSection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    distillation: DistillationSection = Field(default_factory=DistillationSection)
+    safety: EnvelopeConfig = Field(default_factory=EnvelopeConfig)
+    alerts: ThrottlePolicy = Field(default_factory=ThrottlePolicy)
+    telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
     output: OutputSection = Field(default_factory=OutputSection)
 
     @model_validator(mode="after")

@@ -184,8 +184,14 @@ class BaseModelTeacher:
                 "disabled); this model has none.",
                 hint="Use distillation.teacher: model (a separate copy) or offline (a top-k cache) for full fine-tuning.",
             )
-        from ..context.methods import base_context_length
+        from ..context.methods import base_context_length, position_encoding
 
+        if position_encoding(original_config) == "learned":
+            # learned_table replaces the position table itself; the original rows are gone
+            raise PlanError(
+                "The 'base' teacher cannot restore a resized learned position table (GPT-2 style models).",
+                hint="Use distillation.teacher: offline (cache built before scaling) or model for this model.",
+            )
         self.positions = OriginalPositions(model, original_config)
         self.context_length = int(context_length or base_context_length(original_config))
         self.extra_views = list(extra_views)

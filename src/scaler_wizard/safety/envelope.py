@@ -41,9 +41,10 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from statistics import median
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -97,7 +98,7 @@ class EvalRuleConfig(_Strict):
     short_context_stop_pct: float | None = Field(10.0, ge=0)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "EvalRuleConfig":
+    def _ordered(self) -> EvalRuleConfig:
         pairs = [("perplexity_warn_ratio", "perplexity_stop_ratio"), ("short_context_warn_pct", "short_context_stop_pct")]
         for warn, stop in pairs:
             w, s = getattr(self, warn), getattr(self, stop)
@@ -342,7 +343,7 @@ class SpikeSeries:
 
 
 def _strip_base_prefix(name: str) -> str:
-    return name[len("base/"):] if name.startswith("base/") else name
+    return name.removeprefix("base/")
 
 
 class SafetyEnvelope:
@@ -474,8 +475,8 @@ class SafetyEnvelope:
 __all__ = [
     "EnvelopeConfig",
     "EvalRuleConfig",
-    "GradNormSpikeRuleConfig",
     "Finding",
+    "GradNormSpikeRuleConfig",
     "RollbackPolicy",
     "SafetyEnvelope",
     "SpikeRuleConfig",

@@ -57,8 +57,8 @@ Backend = Literal["cuda", "mps", "cpu"]
 # arenas that a training step touches (measured as the RSS delta of a near-empty step).
 CUDA_CONTEXT_BYTES = int(0.75 * GiB)
 CUDA_ALLOCATOR_SLACK = 0.05  # caching-allocator fragmentation, fraction of the tensors' total
-CPU_RUNTIME_BYTES = 48 * 2**20
-CPU_ALLOCATOR_SLACK = 0.05
+CPU_RUNTIME_BYTES = 16 * 2**20
+CPU_ALLOCATOR_SLACK = 0.0
 
 
 # ------------------------------------------------------------------------------------------
@@ -288,18 +288,22 @@ class MemoryEstimate:
 
     weights: int
     trainable: int
-    activations: int
-    logits: int
+    activations: int  # saved for backward across the stack
+    logits: int  # the loss's peak working set
+    backward: int  # one layer's backward working set (recomputation, gradients)
     teacher: int
     overhead: int
     notes: tuple[str, ...] = ()
 
     @property
     def total(self) -> int:
-        return self.weights + self.trainable + self.activations + self.logits + self.teacher + self.overhead
+        # the loss and the layers' backward run one after the other: only the larger one counts
+        return (self.weights + self.trainable + self.activations + max(self.logits, self.backward)
+                + self.teacher + self.overhead)
 
     def breakdown_gb(self) -> dict[str, float]:
-        parts = {k: getattr(self, k) for k in ("weights", "trainable", "activations", "logits", "teacher", "overhead")}
+        keys = ("weights", "trainable", "activations", "logits", "backward", "teacher", "overhead")
+        parts = {k: getattr(self, k) for k in keys}
         parts["total"] = self.total
         return {k: round(v / GiB, 3) for k, v in parts.items()}
 
@@ -332,72 +336,112 @@ def trainable_state_bytes(dims: ModelDims, plan: StrategyPlan, req: MemoryReques
     return n * (DTYPE_BYTES[req.dtype] * 3 + 4)
 
 
-def layer_activation_bytes_per_token(dims: ModelDims, plan: StrategyPlan, req: MemoryRequest,
-                                     seq_len: int | None = None) -> float:
-    """Bytes one decoder layer saves for backward, per token (Korthikanti et al. 2022, redone
-    for the Llama block).
+LayerKind = Literal["lora", "frozen", "trained"]
 
-    a = activation bytes (2 for bf16/fp16 and 4-bit QLoRA's compute dtype, 4 for fp32):
-      RMSNorm x2:   the fp32 input (pow/mul) + the output the projections read   -> 2·(4h + a·h)
-                    (+ the normalised value the weight multiply keeps, when norms train)
-      attention:    q, k, v after RoPE + the SDPA output + its reshaped copy for o_proj
-                    -> a·(3·q_dim + 2·kv_dim); eager repeats k, v to q_dim and keeps the fp32
+
+def layer_activation_bytes_per_token(dims: ModelDims, req: MemoryRequest, kind: LayerKind = "lora",
+                                     plan: StrategyPlan | None = None) -> float:
+    """Bytes one decoder layer saves for backward, per token (Korthikanti et al. 2022, redone
+    for the Llama block). ``kind``: ``lora`` (frozen weights with adapters on the targets),
+    ``frozen`` (no trainable weight, but on the gradient path), ``trained`` (all weights train).
+
+    a = activation bytes (2 for bf16/fp16 and 4-bit QLoRA's compute dtype, 4 for fp32). Autograd
+    saves an input only when a gradient needs it: a frozen linear layer needs its weight, not its
+    input, to pass the gradient down, so frozen layers keep much less.
+      RMSNorm x2:   the fp32 input (pow/mul) 4h; + the output a·h when the next linear layer's
+                    weight (or adapter) trains; + the normalised value a·h when the norm trains
+      attention:    SDPA keeps q, k, v and its output -> a·(2·q_dim + 2·kv_dim); + o_proj's input
+                    a·q_dim when o_proj trains. Eager repeats k, v to q_dim and keeps the fp32
                     softmax (4·heads·s) and, at 16 bits, its cast (a·heads·s)
-      SwiGLU MLP:   gate, silu(gate), up, silu(gate)·up                            -> a·4·I
-      LoRA:         lora_A outputs (r per module, fp32) and, with dropout, a dropped copy of
-                    each adapted module's input plus its mask
+      SwiGLU MLP:   gate, silu(gate), up -> a·3·I; + down_proj's input a·I when it trains
+      LoRA:         lora_A outputs (r per module, fp32) and, with dropout, a dropped copy of each
+                    adapted module's input plus its mask
     """
-    s = seq_len or req.seq_len
+    plan = plan or StrategyPlan()
+    s = req.seq_len
     h, q, kv, i = dims.hidden_size, dims.q_dim, dims.kv_dim, dims.intermediate_size
     a = DTYPE_BYTES[req.dtype]
-    norms = 2 * (4 * h + a * h + (a * h if plan.train_norms or plan.strategy != "lora" else 0))
+    targets = set(plan.lora_targets) if kind == "lora" else (set(ALL_LINEAR) if kind == "trained" else set())
+    norms_train = kind == "trained" or plan.train_norms
+    attn_in = a * h if targets & {"q_proj", "k_proj", "v_proj"} else 0
+    mlp_in = a * h if targets & {"gate_proj", "up_proj"} else 0
+    norms = 8 * h + attn_in + mlp_in + (2 * a * h if norms_train else 0)
     if req.attn_implementation == "eager":
-        attention = a * (3 * q + 2 * q) + dims.num_heads * s * (4 + (a if a != 4 else 0))
+        attention = a * 4 * q + dims.num_heads * s * (4 + (a if a != 4 else 0))
     else:
-        attention = a * (3 * q + 2 * kv)
-    mlp = a * 4 * i
+        attention = a * (2 * q + 2 * kv)
+    attention += a * q if "o_proj" in targets else 0
+    mlp = a * 3 * i + (a * i if "down_proj" in targets else 0)
     lora = 0.0
-    if plan.strategy == "lora":
+    if kind == "lora":
         shapes = dims.linear_shapes()
-        targets = [t for t in plan.lora_targets if t in shapes]
-        lora = 4 * plan.lora_rank * len(targets)
+        present = [t for t in plan.lora_targets if t in shapes]
+        lora = 4 * plan.lora_rank * len(present)
         if plan.lora_dropout > 0:
-            lora += sum((a + 1) * shapes[t][0] for t in targets)
+            lora += sum((a + 1) * shapes[t][0] for t in present)
     return norms + attention + mlp + lora
 
 
-def activation_bytes(dims: ModelDims, plan: StrategyPlan, req: MemoryRequest) -> int:
-    layers = dims.num_layers + (plan.new_blocks if plan.strategy == "block_expansion" else 0)
+def _layer_kinds(dims: ModelDims, plan: StrategyPlan) -> list[LayerKind | None]:
+    """What each layer of the trained stack is; None = below every trainable weight (keeps nothing)."""
+    if plan.strategy == "lora":
+        return ["lora"] * dims.num_layers
+    if plan.strategy == "full":
+        return ["trained"] * dims.num_layers
+    from_idx = _new_block_positions(dims.num_layers, plan.new_blocks)
+    first = min(from_idx)
+    kinds: list[LayerKind | None] = []
+    for j in range(dims.num_layers + plan.new_blocks):
+        if j in from_idx:
+            kinds.append("trained")
+        else:
+            kinds.append("frozen" if (j > first or plan.train_embeddings) else None)
+    return kinds
+
+
+def _new_block_positions(num_layers: int, new_blocks: int) -> set[int]:
+    # the same interleaving as strategies.insertion_points (LLaMA Pro), in the grown stack
+    after = [round((k + 1) * num_layers / new_blocks) - 1 for k in range(new_blocks)]
+    return {a + k + 1 for k, a in enumerate(after)}
+
+
+def _backward_working_set(dims: ModelDims, plan: StrategyPlan, req: MemoryRequest, kinds) -> int:
+    """Memory the backward pass of one layer needs on top of what is saved: the recomputed
+    layer (with checkpointing), eager attention's score gradient, and the hidden-state gradients."""
     tokens = req.seq_len * req.micro_batch
     a = DTYPE_BYTES[req.dtype]
-    per_layer = layer_activation_bytes_per_token(dims, plan, req) * tokens
-    if plan.strategy == "block_expansion":
-        # frozen old blocks below the first new block need not keep anything, but LLaMA Pro
-        # interleaves new blocks from the bottom up, so every block sits on the gradient path.
-        pass
+    work = 3 * max(a, 4) * dims.hidden_size * tokens  # grad in, grad out, residual grad
     if req.gradient_checkpointing:
-        # each layer keeps its input; one layer is recomputed at a time in backward
-        saved = layers * a * dims.hidden_size * tokens + per_layer
-    else:
-        saved = layers * per_layer
-    # embeddings output, final norm (fp32 input + output) and the gradient of the hidden state
-    # travelling down the stack (two of them live while a layer's backward runs)
-    edges = tokens * dims.hidden_size * (a + 4 + a + 2 * max(a, 4))
-    transient = 0
+        per_layer = max(layer_activation_bytes_per_token(dims, req, k, plan) for k in kinds if k) * tokens
+        work += int(per_layer)
     if req.attn_implementation == "eager":
-        # the additive causal mask (b·s² in the model dtype, shared by the layers) and, in one
-        # layer at a time, the raw scores and the softmax gradient
-        transient = req.micro_batch * req.seq_len**2 * (a + dims.num_heads * (a + 4))
-    return int(saved + edges + transient)
+        work += req.micro_batch * dims.num_heads * req.seq_len**2 * 2 * 4  # scores' grad, fp32, twice
+    return work
+
+
+def activation_bytes(dims: ModelDims, plan: StrategyPlan, req: MemoryRequest) -> int:
+    """Saved for backward across the stack (the backward working set is counted separately)."""
+    tokens = req.seq_len * req.micro_batch
+    a = DTYPE_BYTES[req.dtype]
+    kinds = _layer_kinds(dims, plan)
+    if req.gradient_checkpointing:
+        saved = sum(1 for k in kinds if k) * a * dims.hidden_size * tokens  # each layer keeps its input
+    else:
+        saved = sum(layer_activation_bytes_per_token(dims, req, k, plan) for k in kinds if k) * tokens
+    # the final norm (fp32 input + output for the head) and, at 16 bits, the eager causal mask
+    final = tokens * dims.hidden_size * (4 + a)
+    mask = req.micro_batch * req.seq_len**2 * a if req.attn_implementation == "eager" else 0
+    return int(saved + final + mask)
 
 
 def logits_bytes(dims: ModelDims, req: MemoryRequest, *, teacher: bool = False) -> int:
-    """The output projection and the loss: logits (a), their fp32 copy (when a != 4), the saved
-    log-softmax, its gradient and the logits' gradient (4 each) -- for the whole sequence with
-    the stock loss, for one chunk with the chunked loss. A teacher keeps logits and log-probs."""
+    """Peak of the output projection and the loss. The stock loss keeps the fp32 log-softmax of
+    the whole sequence, and in backward holds its gradient and the logits' gradient beside it
+    (12 bytes per logit; + a at 16 bits for the cast logits); the chunked loss holds the same for
+    one chunk. A teacher keeps its logits and log-probabilities."""
     a = DTYPE_BYTES[req.dtype]
     positions = req.seq_len if req.loss_chunk is None else min(req.loss_chunk, req.seq_len)
-    per_logit = (a + 4) if teacher else (a + (4 if a != 4 else 0) + 12)
+    per_logit = (a + 4) if teacher else (12 + (a if a != 4 else 0))
     return int(req.micro_batch * positions * dims.vocab_size * per_logit)
 
 
@@ -407,8 +451,7 @@ def teacher_bytes(dims: ModelDims, plan: StrategyPlan, req: MemoryRequest) -> in
     t_dims = req.teacher_dims if req.teacher == "model" else dims
     t_logits = logits_bytes(t_dims, req, teacher=True)
     # a no-grad forward holds about one layer's working set at a time
-    working = int(layer_activation_bytes_per_token(t_dims, StrategyPlan(strategy="full"), req)
-                  * req.seq_len * req.micro_batch)
+    working = int(layer_activation_bytes_per_token(t_dims, req, "trained") * req.seq_len * req.micro_batch)
     if req.teacher == "base":
         return t_logits + working
     t_weights = weight_bytes(t_dims, StrategyPlan(strategy="full"), req)
@@ -416,26 +459,34 @@ def teacher_bytes(dims: ModelDims, plan: StrategyPlan, req: MemoryRequest) -> in
 
 
 def estimate_memory(dims: ModelDims, plan: StrategyPlan, req: MemoryRequest) -> MemoryEstimate:
-    """Peak memory of one optimizer step on one device (data parallel replicates it)."""
+    """Peak memory of one optimizer step on one device (data parallel replicates it).
+
+    The loss (forward and its backward) and the backward of the decoder layers happen one after
+    the other: the peak holds the saved activations plus the larger of the two working sets,
+    which the breakdown reports as ``logits`` and ``backward``.
+    """
     req.check()
     notes = []
     if req.quantization == "4bit" and req.backend != "cuda":
         notes.append("4-bit QLoRA needs CUDA and bitsandbytes; estimated as if they were present")
     if req.quantization == "4bit" and plan.strategy == "full":
         raise PlanError("Full fine-tuning cannot train 4-bit weights.", hint="Use strategy lora (QLoRA).")
+    if plan.strategy == "block_expansion" and not 1 <= plan.new_blocks <= dims.num_layers:
+        raise PlanError(f"new_blocks must be between 1 and {dims.num_layers} (got {plan.new_blocks}).")
     w = weight_bytes(dims, plan, req)
     t = trainable_state_bytes(dims, plan, req)
     act = activation_bytes(dims, plan, req)
     lg = logits_bytes(dims, req)
+    bw = _backward_working_set(dims, plan, req, _layer_kinds(dims, plan))
     te = teacher_bytes(dims, plan, req)
-    tensors = w + t + act + lg + te
+    tensors = w + t + act + max(lg, bw) + te
     if req.backend == "cuda":
         overhead = CUDA_CONTEXT_BYTES + int(CUDA_ALLOCATOR_SLACK * tensors)
     else:
         overhead = CPU_RUNTIME_BYTES + int(CPU_ALLOCATOR_SLACK * tensors)
     if req.attn_implementation == "eager" and req.seq_len > 8192:
         notes.append("eager attention keeps the full score matrix per layer; use sdpa or flash_attention_2")
-    return MemoryEstimate(w, t, act, lg, te, overhead, tuple(notes))
+    return MemoryEstimate(w, t, act, lg, bw, te, overhead, tuple(notes))
 
 
 def max_seq_len(dims: ModelDims, plan: StrategyPlan, req: MemoryRequest, budget_bytes: float,

@@ -164,12 +164,6 @@ def recommend(
         attn_implementation=recipe["model"].get("attn_implementation", "sdpa"), loss_chunk=LOSS_CHUNK,
         backend=hardware.accelerator if hardware else "cuda",
     )
-    lora_opts = {k: v for k, v in recipe["scaling"]["lora"].items()}
-    budget = hardware.training_budget_bytes() if hardware else None
-    if budget is None:
-        notes.append("memory budget unknown: the plan was not checked against memory; pass --hardware FILE")
-    req, target = _fit(dims, lora_opts, req, budget, hardware, recipe, base, adj, notes)
-
     if capacity is None:
         capacity = uc.capacity
         floor = minimum_capacity(dims)
@@ -178,6 +172,14 @@ def recommend(
             capacity = math.ceil(floor * 1e6) / 1e6
             notes.append(f"capacity raised from the use case's {uc.capacity:g} to {capacity:g}: the smallest "
                          "LoRA plan for this small model")
+    # the adapter first (memory-independent), so the fitting below plans with the adapter we write
+    unchecked = resolve_plan(dims, capacity, dataset_tokens=dataset_tokens, request=req)
+    lora_opts = {**recipe["scaling"]["lora"], **{k: unchecked.options[k] for k in
+                                                 ("rank", "alpha", "dropout", "target_modules", "use_rslora")}}
+    budget = hardware.training_budget_bytes() if hardware else None
+    if budget is None:
+        notes.append("memory budget unknown: the plan was not checked against memory; pass --hardware FILE")
+    req, target = _fit(dims, lora_opts, req, budget, hardware, recipe, base, adj, notes)
     plan = resolve_plan(dims, capacity, dataset_tokens=dataset_tokens, hardware=hardware, request=req)
     modules_to_save = lora_opts.get("modules_to_save", [])
     for key in ("rank", "alpha", "dropout", "target_modules", "use_rslora"):
@@ -210,20 +212,27 @@ def _fit(dims, lora_opts, req, budget, hardware, recipe, base, adj, notes) -> tu
         _set(recipe, "training.gradient_accumulation_steps", t["gradient_accumulation_steps"] * 2,
              "doubled with the micro-batch halving: same effective batch", adj)
     if not _fits(dims, lora_opts, req, budget) and hardware is not None and hardware.can_qlora():
-        req = replace(req, quantization="4bit", dtype="bfloat16" if hardware.supports_bf16() else "float16")
+        quantised = replace(req, quantization="4bit", dtype="bfloat16" if hardware.supports_bf16() else "float16")
         if "quantization" in ModelSection.model_fields:
+            req = quantised
             _set(recipe, "model.quantization", "4bit", "4-bit QLoRA: CUDA and bitsandbytes are present", adj)
         else:
-            notes.append("planned with 4-bit QLoRA (CUDA + bitsandbytes present) but this recipe schema has no "
-                         "quantisation field: load the model in 4 bits yourself or expect the unquantised figure")
+            # never write a recipe that only fits with a setting it cannot express
+            qlora_len = max_seq_len(dims, get_strategy("lora").plan(dims, lora_opts), quantised, budget,
+                                    multiple_of=CONTEXT_GRANULE)
+            notes.append(f"4-bit QLoRA (CUDA + bitsandbytes present) would fit {min(qlora_len, req.seq_len)} "
+                         "tokens, but this recipe schema has no quantisation field yet; planned without it")
     if not _fits(dims, lora_opts, req, budget):
         longest = max_seq_len(dims, get_strategy("lora").plan(dims, lora_opts), req, budget,
                               multiple_of=CONTEXT_GRANULE)
         if longest <= base:
+            qlora = req.quantization == "4bit"
             raise PlanError(
-                f"Even {base} tokens (the base context) at micro-batch 1 with checkpointing do not fit the "
-                f"{budget / GiB:.1f} GiB training budget of this {hardware.accelerator} machine.",
-                hint="Use a smaller model, a larger machine, or QLoRA on a CUDA GPU.",
+                f"Even {base} tokens (the base context) at micro-batch 1 with checkpointing"
+                f"{' and 4-bit QLoRA' if qlora else ''} do not fit the {budget / GiB:.1f} GiB training budget "
+                f"of this {hardware.accelerator} machine.",
+                hint="Use a smaller model or a larger machine" + ("." if qlora else ", or QLoRA on a CUDA GPU "
+                                                                  "with bitsandbytes installed."),
             )
         _set(recipe, "context.target_length", longest,
              f"capped: {longest} tokens is the longest that fits {budget / GiB:.1f} GiB", adj)

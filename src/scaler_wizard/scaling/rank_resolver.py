@@ -78,7 +78,9 @@ class ResolvedPlan:
 
     def explain(self) -> list[tuple[str, str, str]]:
         """(field, value, reason) rows for ``scaler-wizard plan --explain``."""
-        return [(k, _show(self.options.get(k, getattr(self, k, ""))), r) for k, r in self.reasons.items()]
+        shown = {"memory": f"{self.memory.total / GiB:.2f} GiB"}
+        return [(k, _show(self.options[k]) if k in self.options else shown.get(k, ""), r)
+                for k, r in self.reasons.items()]
 
     def as_dict(self) -> dict[str, Any]:
         return {

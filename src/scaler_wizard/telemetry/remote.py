@@ -27,8 +27,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -75,7 +76,7 @@ def anonymise(name: str | None, salt: str = DEFAULT_SALT) -> str | None:
     name itself (which may be a private path) never leaves the machine."""
     if name is None:
         return None
-    return hashlib.sha256(f"{salt}\x00{name}".encode("utf-8")).hexdigest()[:32]
+    return hashlib.sha256(f"{salt}\x00{name}".encode()).hexdigest()[:32]
 
 
 def scrub_event(event: dict[str, Any]) -> dict[str, Any]:
@@ -185,7 +186,7 @@ class RemoteSink:
             return
         try:
             self._post(batch)
-        except Exception as exc:  # network errors of every kind: count, back off, go on
+        except Exception as exc:  # noqa: BLE001 - network errors of every kind: count, back off, go on
             self._backoff_s = min(self.config.max_backoff_s, max(0.5, 2 * self._backoff_s))
             self._backoff_until = time.monotonic() + self._backoff_s
             with self._stats_lock:

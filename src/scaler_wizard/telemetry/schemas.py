@@ -9,10 +9,11 @@ fields never make an older reader reject a run.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from collections.abc import Iterable
+from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from jsonschema import Draft202012Validator
 
@@ -39,7 +40,7 @@ class TelemetrySchemaError(InputError):
         )
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_schema(name: str) -> dict[str, Any]:
     """A shipped schema by short name (``metric_event``, ``telemetry_envelope``, ``telegram``)."""
     if name not in SCHEMAS:
@@ -54,7 +55,7 @@ def schema_version(name: str) -> int:
     return int(load_schema(name)["schema_version"])
 
 
-@lru_cache(maxsize=None)
+@cache
 def _validator(name: str) -> Draft202012Validator:
     return Draft202012Validator(load_schema(name))
 

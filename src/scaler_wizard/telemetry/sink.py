@@ -24,9 +24,10 @@ import json
 import math
 import os
 import threading
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 SCHEMA_VERSION = 1
 
@@ -142,11 +143,11 @@ class MetricWriter:
         for listener in list(self._listeners):
             try:
                 listener(event)
-            except Exception as exc:  # a mirror must never break training
+            except Exception as exc:  # noqa: BLE001 - a mirror must never break training
                 self._listeners.remove(listener)
                 self.listener_errors.append(f"{getattr(listener, '__qualname__', listener)!s}: {exc!r}")
 
-    def __enter__(self) -> "MetricWriter":
+    def __enter__(self) -> MetricWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -207,4 +207,4 @@ class SafetyCallback(TrainerCallback):
         control.should_training_stop = True
 
 
-__all__ = ["SafetyCallback", "RequestedAction"]
+__all__ = ["RequestedAction", "SafetyCallback"]

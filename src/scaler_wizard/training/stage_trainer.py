@@ -29,11 +29,17 @@ def causal_lm_parts(model: Any) -> tuple[Any, torch.nn.Module]:
 
 
 class ScalingTrainer(Trainer):
-    """Trainer with the chunked, task-balanced loss."""
+    """Trainer with the chunked, task-balanced loss and, when a teacher is given, the chunked
+    distillation loss ``(1-lambda)*CE + lambda*T^2*KD`` (``distill/losses.py``)."""
 
-    def __init__(self, *args: Any, loss_chunk_size: int = 512, **kwargs: Any):
+    def __init__(self, *args: Any, loss_chunk_size: int = 512, teacher: Any = None, distill: Any = None,
+                 side_metrics: dict[str, float] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.loss_chunk_size = loss_chunk_size
+        self.teacher = teacher
+        self.distill = distill
+        # running sums of the loss parts since the last log, read by StageTelemetryCallback
+        self.side_metrics = side_metrics if side_metrics is not None else {}
         # Our loss is a mean already; let the Trainer scale it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
 
@@ -44,20 +50,35 @@ class ScalingTrainer(Trainer):
         hidden = decoder(
             input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False
         ).last_hidden_state
-        # predict token t+1 from position t
-        token_loss = chunked_token_ce(
-            hidden[:, :-1], head.weight, labels[:, 1:], bias=head.bias, chunk_size=self.loss_chunk_size
-        )
-        loss = task_balanced_mean(token_loss, labels[:, 1:], task)
+        if self.teacher is not None:
+            from ..distill.losses import distillation_loss
+
+            teacher_batch = self.teacher(model, inputs)
+            out = distillation_loss(hidden[:, :-1], head.weight, labels[:, 1:], teacher_batch, self.distill,
+                                    bias=head.bias, task=task)
+            loss = out.loss
+            self._accumulate("distill/ce", float(out.ce.detach()))
+            self._accumulate("distill/kl", float(out.kd.detach()))
+        else:
+            # predict token t+1 from position t
+            token_loss = chunked_token_ce(
+                hidden[:, :-1], head.weight, labels[:, 1:], bias=head.bias, chunk_size=self.loss_chunk_size
+            )
+            loss = task_balanced_mean(token_loss, labels[:, 1:], task)
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _accumulate(self, name: str, value: float) -> None:
+        total, count = self.side_metrics.get(name, (0.0, 0))
+        self.side_metrics[name] = (total + value, count + 1)
 
 
 class StageTelemetryCallback(TrainerCallback):
     """Streams the Trainer's logs as MetricEvents and tracks throughput of the stage."""
 
     def __init__(self, log: Callable[[int, str, float], None], tokens_per_step: int, step_offset: int,
-                 on_step: Callable[[int], None] | None = None):
+                 on_step: Callable[[int], None] | None = None, side_metrics: dict | None = None):
         self.log = log
+        self.side_metrics = side_metrics if side_metrics is not None else {}
         self.tokens_per_step = tokens_per_step
         self.step_offset = step_offset
         self.on_step = on_step
@@ -87,6 +108,10 @@ class StageTelemetryCallback(TrainerCallback):
                 self.log(step, name, float(logs[key]))
                 if key == "loss":
                     self.losses.append(float(logs[key]))
+        for name, (total, count) in list(self.side_metrics.items()):
+            if count:
+                self.log(step, name, total / count)
+        self.side_metrics.clear()
 
 
 def training_arguments(recipe: Recipe, steps: int, output_dir: Path, seed: int) -> TrainingArguments:
@@ -128,9 +153,17 @@ def train_stage(
     output_dir: Path,
     seed: int,
     callbacks: list[TrainerCallback],
+    *,
+    learning_rate: float | None = None,
+    teacher: Any = None,
+    distill: Any = None,
+    side_metrics: dict | None = None,
 ) -> Any:
     args = training_arguments(recipe, steps, output_dir, seed)
-    trainer = ScalingTrainer(model=model, args=args, train_dataset=rows, callbacks=callbacks)
+    if learning_rate is not None:
+        args.learning_rate = learning_rate
+    trainer = ScalingTrainer(model=model, args=args, train_dataset=rows, callbacks=callbacks, teacher=teacher,
+                             distill=distill, side_metrics=side_metrics)
     # Progress and metrics go through our callbacks (rich bar, metrics.jsonl), not stdout dicts.
     trainer.remove_callback(PrinterCallback)
     trainer.train()
