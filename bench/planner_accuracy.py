@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from scaler_wizard.scaling.memory import MemoryRequest, ModelDims, StrategyPlan, estimate_memory  # noqa: E402
+from scaler_wizard.scaling.memory import MemoryRequest, ModelDims, StrategyPlan, estimate_memory
 
 TOLERANCE = 0.25
 # glibc raises its mmap threshold dynamically (up to 32 MiB) after large frees, after which freed

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from scaler_wizard.scaling.memory import (  # noqa: E402
+from scaler_wizard.scaling.memory import (
     GiB,
     MemoryRequest,
     StrategyPlan,

@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 
 from scaler_wizard.errors import InputError, PlanError
+from scaler_wizard.recipe import resolve_path
 from scaler_wizard.scaling.hardware import (
     HardwareProfile,
     detect_hardware,
@@ -25,7 +26,6 @@ from scaler_wizard.scaling.memory import (
     max_seq_len,
     read_model_dims,
 )
-from scaler_wizard.recipe import resolve_path
 
 LLAMA_8B = read_model_dims(resolve_path("builtin:assets/model_configs/Llama-3.1-8B"))
 TINY = ModelDims.from_config({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,

@@ -132,12 +132,15 @@ def _register_subcommands() -> None:
     from .cockpit.cockpit_cli import cockpit
     from .distill.distill_cli import distill_app
     from .safety.contract_cli import contract_app
+    from .scaling import plan_cli
 
     app.add_typer(contract_app, name="contract")
     app.add_typer(cache_app, name="cache")
     app.command("rollback")(rollback_command)
     app.command("cockpit")(cockpit)
     app.add_typer(distill_app, name="distill")
+    app.command("hardware")(plan_cli.hardware)
+    app.command("plan")(plan_cli.plan)
 
 
 _register_subcommands()

@@ -7,10 +7,20 @@ the CLI boundary, which maps each family to an exit code and a one-paragraph mes
     │   ├── ModelLoadError                     model folder missing / malformed / unsupported
     │   ├── DataError                          data files missing / malformed / empty
     │   ├── PlanError                          the requested plan cannot work (does not fit, bad target)
-    │   └── UnsupportedMethodError             context method not available for this model
+    │   ├── UnsupportedMethodError             context method not available for this model
+    │   ├── TelemetryReadError                 (telemetry/reader.py) unreadable telemetry file
+    │   ├── TelemetrySchemaError               (telemetry/schemas.py) a record violates its JSON Schema
+    │   ├── SnapshotNotFoundError              (cache/checkpoints.py) no snapshot matches the request
+    │   └── RunNotFoundError                   (cockpit/rundir.py) no such run directory
+    ├── CheckpointError                        (cache/checkpoints.py) snapshot store failures
+    │   ├── SnapshotCommitError                a commit failed cleanly (e.g. disk full); older snapshots intact
+    │   └── SnapshotCorruptError               a snapshot does not verify
+    ├── StateFormatError                       (cache/state.py) stored training state unreadable
     ├── PluginError                   exit 2   a registered plugin is malformed or failed to load
     ├── ContractError                 exit 3   no valid human contract / approval token for this run
     └── RunHalted                     exit 4   the safety envelope or the operator stopped the run
+
+Families defined next to the module that raises them are listed here so the tree stays one picture.
 """
 
 from __future__ import annotations

@@ -330,6 +330,13 @@ def run(
         },
     )
     writer = MetricWriter(run_dir / "metrics.jsonl")
+    remote = None
+    if recipe.telemetry.remote.url:  # opt-in community aggregation; names leave only as salted hashes
+        from .telemetry.remote import RemoteSink
+
+        remote = RemoteSink(recipe.telemetry.remote, run_id=run_dir.name, model_name=recipe.model.path,
+                            data_names=recipe.data.train)
+        writer.add_listener(remote.submit)
     try:
         reporter.phase(f"loading model from {model_dir}")
         model, tokenizer = load_model_and_tokenizer(model_dir, recipe)
@@ -347,6 +354,9 @@ def run(
             summary["peak_cuda_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         writer.log(summary["total_steps"], "system/peak_rss_gb", summary["peak_rss_gb"])
         writer.close()
+        if remote is not None:
+            remote.close()
+            summary["remote_telemetry"] = remote.stats_dict()
         write_json_atomic(run_dir / "summary.json", summary)
         close_run(grant, "completed")
         status.update(state="completed", finished_at=utc_now(), stage=len(stages))
@@ -354,7 +364,9 @@ def run(
         return RunResult(run_dir, summary)
     except BaseException as exc:
         writer.close()
-        close_run(grant, "failed")
+        if remote is not None:
+            remote.close()
+        close_run(grant, "halted" if isinstance(exc, RunHalted) else "failed")
         status.update(state="failed", finished_at=utc_now(), error=f"{type(exc).__name__}: {exc}")
         write_json_atomic(run_dir / "status.json", status)
         raise
@@ -394,6 +406,8 @@ def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, 
         use_rslora=lora.use_rslora,
         use_dora=lora.use_dora,
         modules_to_save=lora.modules_to_save or None,
+        rank_pattern=lora.rank_pattern,
+        alpha_pattern=lora.alpha_pattern,
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, peft_config)
@@ -641,7 +655,8 @@ def prepare_distillation(recipe: Recipe, model, tokenizer, original_config, base
         context_length=d.teacher_context_length or base_length,
         dtype=recipe.model.dtype, student_tokenizer=tokenizer,
     )
-    config = DistillConfig(divergence=d.divergence, beta=d.beta, temperature=d.temperature, kd_weight=d.kd_weight)
+    config = DistillConfig(divergence=d.divergence, beta=d.beta, temperature=d.temperature, kd_weight=d.kd_weight,
+                           chunk_size=recipe.training.loss_chunk_size)
     return teacher, config
 
 

@@ -74,6 +74,8 @@ class LoraSection(_Strict):
     use_rslora: bool = False
     use_dora: bool = False
     modules_to_save: list[str] = Field(default_factory=list, description="e.g. norms / embeddings (LongLoRA)")
+    rank_pattern: dict[str, int] = Field(default_factory=dict, description="per-module ranks (PEFT rank_pattern)")
+    alpha_pattern: dict[str, float] = Field(default_factory=dict, description="per-module alphas (PEFT)")
 
 
 class ScalingSection(_Strict):
@@ -102,6 +104,7 @@ class TrainingSection(_Strict):
     gradient_checkpointing: bool = False
     logging_steps: int = Field(5, ge=1)
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")
+    loss_chunk_size: int = Field(512, ge=1, description="tokens per chunk of the chunked cross-entropy")
 
     @field_validator("steps_per_stage")
     @classmethod

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from ..errors import PluginError, UnsupportedMethodError
@@ -94,7 +94,7 @@ class RopeMethod:
     """Base for methods that only rewrite ``config.rope_parameters``."""
 
     name: str = ""
-    encodings: frozenset[str] = field(default_factory=lambda: frozenset({"rope"}))
+    encodings: ClassVar[frozenset[str]] = frozenset({"rope"})
     allowed_params: ClassVar[dict[str, type | tuple[type, ...]]] = {}
     #: whether ``max_position_embeddings`` must stay at the original length (dynamic NTK reads it so)
     keeps_original_max_positions: ClassVar[bool] = False

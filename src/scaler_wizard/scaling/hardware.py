@@ -56,7 +56,7 @@ class HardwareProfile(BaseModel):
     notes: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "HardwareProfile":
+    def _consistent(self) -> HardwareProfile:
         if self.accelerator == "cuda" and not self.gpus:
             raise ValueError("accelerator 'cuda' needs at least one entry in gpus")
         return self

@@ -85,7 +85,7 @@ class ModelDims:
     name: str = "model"
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any] | Any, source: str = "config") -> "ModelDims":
+    def from_config(cls, config: Mapping[str, Any] | Any, source: str = "config") -> ModelDims:
         """From a transformers config object or the dict of its ``config.json``."""
         data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")

@@ -18,7 +18,7 @@ budget; when the budget is unknown the plan says so instead of assuming one.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Literal, Mapping
 
 from ..errors import PlanError
@@ -157,7 +157,7 @@ def choose_alpha(rank: int) -> tuple[float, bool, str]:
             f"rank {rank} >= {RSLORA_FROM_RANK}: rsLoRA scaling alpha/sqrt(r) (Kalajdzievski 2023) with alpha "
             f"{RSLORA_ALPHA:g} gives scale {RSLORA_ALPHA / math.sqrt(rank):.2f}"
         )
-    return float(2 * rank), False, f"alpha = 2 x rank: a constant update scale alpha/r = 2 across ranks"
+    return float(2 * rank), False, "alpha = 2 x rank: a constant update scale alpha/r = 2 across ranks"
 
 
 def _memory_budget(hardware: HardwareProfile | None) -> tuple[float | None, str]:

@@ -163,6 +163,7 @@ def train_stage(
     if learning_rate is not None:
         args.learning_rate = learning_rate
     trainer = ScalingTrainer(model=model, args=args, train_dataset=rows, callbacks=callbacks, teacher=teacher,
+                             loss_chunk_size=recipe.training.loss_chunk_size,
                              distill=distill, side_metrics=side_metrics)
     # Progress and metrics go through our callbacks (rich bar, metrics.jsonl), not stdout dicts.
     trainer.remove_callback(PrinterCallback)

@@ -1,0 +1,71 @@
+"""The pipeline's guards on tiny runs: distillation from the base model, a NaN halting the run
+with a stop telegram and an alert, and the rollback policy recovering from it."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import write_recipe
+from scaler_wizard.errors import RunHalted
+from scaler_wizard.pipeline import run
+from scaler_wizard.training import stage_trainer
+
+
+def _events(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_distillation_base_teacher_with_replay(tmp_path, tiny_model_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, tmp_path / "runs",
+                          distillation={"enabled": True, "teacher": "base", "replay_ratio": 0.5, "kd_weight": 0.5})
+    result = run(recipe, self_approve=True)
+    names = {e["metric"] for e in _events(result.run_dir)}
+    assert {"distill/kl", "distill/ce"} <= names
+    kl = [e["value"] for e in _events(result.run_dir) if e["metric"] == "distill/kl"]
+    assert all(v is not None and v >= 0 for v in kl)
+    assert result.summary["export_check"]["max_abs_logit_diff"] < 1e-4
+
+
+@pytest.fixture
+def nan_at_step(monkeypatch):
+    """Make the loss NaN on the given global optimizer steps (1-based) of the first stage."""
+    original = stage_trainer.ScalingTrainer.compute_loss
+    calls = {"n": 0, "bad": set()}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = original(self, model, inputs, return_outputs, num_items_in_batch)
+        calls["n"] += 1
+        if calls["n"] in calls["bad"]:
+            return loss * torch.tensor(float("nan"))
+        return loss
+
+    monkeypatch.setattr(stage_trainer.ScalingTrainer, "compute_loss", compute_loss)
+    return calls
+
+
+def test_nan_halts_run_with_stop_telegram_and_alert(tmp_path, tiny_model_dir, nan_at_step):
+    nan_at_step["bad"] = {3}
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, tmp_path / "runs")
+    with pytest.raises(RunHalted):
+        run(recipe, self_approve=True)
+    (run_dir,) = (tmp_path / "runs").glob("t-*")
+    telegram = json.loads((run_dir / "telegram.json").read_text())
+    assert telegram["action"] == "stop" and telegram["step"] == 3
+    assert any("non-finite" in r or "nan" in r.lower() for r in telegram["reasons"])
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
+    assert not (run_dir / "summary.json").exists()
+    alerts = [json.loads(line) for line in (run_dir / "alerts.jsonl").read_text().splitlines()]
+    assert any(a.get("severity") == "critical" for a in alerts)
+    losses = [e for e in _events(run_dir) if e["metric"] == "train/loss"]
+    assert max(e["step"] for e in losses) == 3  # nothing trained after the stop
+
+
+def test_rollback_policy_recovers_and_completes(tmp_path, tiny_model_dir, nan_at_step):
+    nan_at_step["bad"] = {3}
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, tmp_path / "runs",
+                          safety={"policy": {"on_stop": "rollback", "max_rollbacks": 1}})
+    result = run(recipe, self_approve=True)
+    rollbacks = [e for e in _events(result.run_dir) if e["metric"] == "safety/rollback"]
+    assert len(rollbacks) == 1 and rollbacks[0]["lr"] == pytest.approx(0.005)
+    assert json.loads((result.run_dir / "status.json").read_text())["state"] == "completed"
