@@ -69,3 +69,29 @@ def test_rollback_policy_recovers_and_completes(tmp_path, tiny_model_dir, nan_at
     rollbacks = [e for e in _events(result.run_dir) if e["metric"] == "safety/rollback"]
     assert len(rollbacks) == 1 and rollbacks[0]["lr"] == pytest.approx(0.005)
     assert json.loads((result.run_dir / "status.json").read_text())["state"] == "completed"
+
+
+def test_block_expansion_grows_the_model_and_distills_from_bypassed_blocks(tmp_path, tiny_model_dir):
+    """Real parameter growth through the pipeline: a plain, larger model comes out, and the base
+    teacher is the grown model with its new blocks bypassed."""
+    from transformers import AutoModelForCausalLM
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, tmp_path / "runs",
+                          scaling={"strategy": "block_expansion", "block_expansion": {"new_blocks": 1}},
+                          distillation={"enabled": True, "teacher": "base", "replay_ratio": 0.25})
+    result = run(recipe, self_approve=True)
+    grown = AutoModelForCausalLM.from_pretrained(result.run_dir / "model")
+    assert grown.config.num_hidden_layers == 3
+    assert result.summary["export_check"]["max_abs_logit_diff"] < 1e-4
+    assert not (result.run_dir / "adapter").exists()
+    assert result.summary["trainable_params"] < result.summary["total_params"] / 2
+    assert "distill/kl" in {e["metric"] for e in _events(result.run_dir)}
+
+
+def test_unknown_strategy_is_a_clear_error_before_the_run(tmp_path, tiny_model_dir):
+    from scaler_wizard.errors import ScalerWizardError
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, tmp_path / "runs", scaling={"strategy": "magic"})
+    with pytest.raises(ScalerWizardError, match="magic"):
+        run(recipe, self_approve=True)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -271,6 +271,10 @@ def run(
     except Exception as exc:  # noqa: BLE001 - transformers raises many types
         raise ModelLoadError(f"{model_dir / 'config.json'} is not a usable model config: {exc}") from None
     get_context_method(recipe.context.method, model_config)  # unsupported method -> clear error now
+    if recipe.scaling.strategy != "lora":
+        from .scaling.strategies import get_strategy
+
+        get_strategy(recipe.scaling.strategy)  # unknown strategy -> clear error now
     base_length = recipe.context.base_length or base_context_length(model_config)
     stages = build_stages(
         base_length,
@@ -374,9 +378,8 @@ def run(
 
 def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, original_config,
                         train_stream, heldout_stream, writer, reporter, grant):
-    from peft import LoraConfig, get_peft_model
-
     from .safety.gatekeeper import check_scope
+
     ctx = ProbeContext(tokenizer=tokenizer, heldout_stream=heldout_stream, base_length=base_length)
 
     # 3. The base model, unscaled, at the base length and at every stage length.
@@ -396,22 +399,10 @@ def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, 
             ctx.baseline[f"perplexity@{base_length}"] = r.metrics["perplexity"]
     base_ppl = ctx.baseline.get(f"perplexity@{base_length}")
 
-    # 4. Adapters (PEFT LoRA), the teacher, and the run's guards.
-    lora = recipe.scaling.lora
-    peft_config = LoraConfig(
-        r=lora.rank,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        use_rslora=lora.use_rslora,
-        use_dora=lora.use_dora,
-        modules_to_save=lora.modules_to_save or None,
-        rank_pattern=lora.rank_pattern,
-        alpha_pattern=lora.alpha_pattern,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, peft_config)
-    trainable, total = model.get_nb_trainable_parameters()
+    # 4. Capacity (PEFT LoRA adapters, or new blocks), the teacher, and the run's guards.
+    model = attach_strategy(recipe, model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
     writer.log(0, "model/trainable_params", trainable)
     writer.log(0, "model/total_params", total)
     teacher, distill_config = prepare_distillation(recipe, model, tokenizer, original_config, base_length)
@@ -528,8 +519,9 @@ def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, 
     log_probe_results(writer, global_step, final_results, None, "final/")
 
     reporter.phase("saving adapter and merged model")
-    model.save_pretrained(run_dir / "adapter")
-    tokenizer.save_pretrained(run_dir / "adapter")
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(run_dir / "adapter")
+        tokenizer.save_pretrained(run_dir / "adapter")
     export_check = None
     if recipe.output.merge:
         export_check = export_merged(model, tokenizer, run_dir / "model", heldout_stream, stages[-1].length,
@@ -640,13 +632,55 @@ class RunGuards:
         self.throttle.flush()
 
 
+def attach_strategy(recipe: Recipe, model):
+    """Add capacity: PEFT LoRA adapters (``lora``), new decoder blocks (``block_expansion``), or a
+    plugin strategy from the ``scaler_wizard.strategies`` entry points."""
+    name = recipe.scaling.strategy
+    if name == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = recipe.scaling.lora
+        return get_peft_model(model, LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            use_rslora=lora.use_rslora,
+            use_dora=lora.use_dora,
+            modules_to_save=lora.modules_to_save or None,
+            rank_pattern=lora.rank_pattern,
+            alpha_pattern=lora.alpha_pattern,
+            task_type="CAUSAL_LM",
+        ))
+    from .scaling.strategies import get_strategy
+
+    options = recipe.scaling.block_expansion.model_dump() if name == "block_expansion" else recipe.scaling.options
+    return get_strategy(name).prepare(model, options)
+
+
 def prepare_distillation(recipe: Recipe, model, tokenizer, original_config, base_length: int):
     """(teacher, DistillConfig) when distillation is on, else (None, None)."""
     d = recipe.distillation
     if not d.enabled:
         return None, None
     from .distill.losses import DistillConfig
-    from .distill.teacher import build_teacher
+    from .distill.teacher import BaseModelTeacher, build_teacher
+
+    config = DistillConfig(divergence=d.divergence, beta=d.beta, temperature=d.temperature, kd_weight=d.kd_weight,
+                           chunk_size=recipe.training.loss_chunk_size)
+    if d.teacher == "base" and recipe.scaling.strategy == "block_expansion":
+        grow = recipe.scaling.block_expansion
+        if grow.train_norms or grow.train_embeddings:
+            raise PlanError(
+                "The 'base' teacher of block expansion is the grown model with its new blocks bypassed; with "
+                "train_norms/train_embeddings the old weights change too, so it would not be the base model.",
+                hint="Use distillation.teacher: model or offline, or train only the new blocks.",
+            )
+        from .scaling.strategies import bypass_new_blocks
+
+        teacher = BaseModelTeacher(model, original_config, context_length=d.teacher_context_length or base_length,
+                                   extra_views=[bypass_new_blocks])
+        return teacher, config
 
     teacher = build_teacher(
         d.teacher, model, original_config=original_config,
@@ -655,8 +689,6 @@ def prepare_distillation(recipe: Recipe, model, tokenizer, original_config, base
         context_length=d.teacher_context_length or base_length,
         dtype=recipe.model.dtype, student_tokenizer=tokenizer,
     )
-    config = DistillConfig(divergence=d.divergence, beta=d.beta, temperature=d.temperature, kd_weight=d.kd_weight,
-                           chunk_size=recipe.training.loss_chunk_size)
     return teacher, config
 
 
@@ -678,8 +710,9 @@ def mix_in_replay(recipe: Recipe, rows, train_stream: list[int], base_length: in
 
 
 def export_merged(model, tokenizer, out: Path, stream: list[int], length: int, save_dtype: str) -> dict[str, Any]:
-    """Merge the adapter, save a plain model, reload it with plain transformers and compare its
-    logits with the adapter model's on one held-out window: the export is checked, not assumed."""
+    """Merge the adapter (if any), save a plain model, reload it with plain transformers and
+    compare its logits with the training model's on one held-out window: the export is checked,
+    not assumed. A grown model (block expansion) is saved as it is, with its larger config."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -688,7 +721,7 @@ def export_merged(model, tokenizer, out: Path, stream: list[int], length: int, s
     model.eval()
     with torch.no_grad():
         before = model(input_ids=window.to(device)).logits.float().cpu()
-    merged = model.merge_and_unload()
+    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     merged.to(getattr(torch, save_dtype))
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -78,9 +78,19 @@ class LoraSection(_Strict):
     alpha_pattern: dict[str, float] = Field(default_factory=dict, description="per-module alphas (PEFT)")
 
 
+class BlockExpansionSection(_Strict):
+    """LLaMA Pro style growth: new identity-initialised decoder blocks, old blocks frozen."""
+
+    new_blocks: int = Field(1, ge=1, description="decoder blocks to insert (at most one per original block)")
+    train_norms: bool = False
+    train_embeddings: bool = False
+
+
 class ScalingSection(_Strict):
-    strategy: Literal["lora"] = "lora"
+    strategy: str = Field("lora", description="lora | block_expansion | a plugin strategy (entry points)")
     lora: LoraSection = Field(default_factory=LoraSection)
+    block_expansion: BlockExpansionSection = Field(default_factory=BlockExpansionSection)
+    options: dict[str, Any] = Field(default_factory=dict, description="options of a plugin strategy")
 
 
 class ContextSection(_Strict):

@@ -178,7 +178,9 @@ class BaseModelTeacher:
     def __init__(self, model: Any, original_config: Any, *, context_length: int | None = None,
                  extra_views: Sequence[ViewHook] = ()):
         model = _peft_model(model)
-        if not hasattr(model, "disable_adapter"):
+        # Without adapters the teacher view must come from elsewhere (block expansion bypasses
+        # its new blocks through ``extra_views``).
+        if not hasattr(model, "disable_adapter") and not extra_views:
             raise PlanError(
                 "The 'base' teacher needs PEFT adapters on the student (it is the student with its adapters "
                 "disabled); this model has none.",
@@ -201,7 +203,8 @@ class BaseModelTeacher:
         """The student turned into its base model: yields (decoder, head) to run under no_grad."""
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.no_grad())
-            stack.enter_context(model.disable_adapter())
+            if hasattr(model, "disable_adapter"):
+                stack.enter_context(model.disable_adapter())
             stack.enter_context(self.positions.swapped())
             stack.enter_context(_eval_mode(model))
             for hook in self.extra_views:

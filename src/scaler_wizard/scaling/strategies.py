@@ -22,11 +22,12 @@ Torch, transformers and peft are imported inside the functions that need them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import keyword
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Iterator, Mapping, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -293,6 +294,30 @@ def expand_blocks(model: Any, new_blocks: int) -> list[int]:
             grown += [kind, kind] if i in after else [kind]
         cfg.layer_types = grown
     return new_idx
+
+
+@contextlib.contextmanager
+def bypass_new_blocks(model: Any) -> Iterator[None]:
+    """The grown model seen as its base: the new blocks are skipped for the duration (the
+    ``base`` distillation teacher of block expansion; no second copy of any weight)."""
+    base, decoder = _decoder(model)
+    new = set(getattr(base, "scaler_wizard_new_blocks", ()))
+    if not new:
+        yield
+        return
+    cfg = base.config
+    full_layers, full_n, full_types = decoder.layers, cfg.num_hidden_layers, getattr(cfg, "layer_types", None)
+    keep = [i for i in range(len(full_layers)) if i not in new]
+    decoder.layers = type(full_layers)([full_layers[i] for i in keep])
+    cfg.num_hidden_layers = len(keep)
+    if isinstance(full_types, list):
+        cfg.layer_types = [full_types[i] for i in keep]
+    try:
+        yield
+    finally:
+        decoder.layers, cfg.num_hidden_layers = full_layers, full_n
+        if isinstance(full_types, list):
+            cfg.layer_types = full_types
 
 
 class BlockExpansionStrategy:
