@@ -18,7 +18,7 @@ from .errors import RecipeError, ScalerWizardError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Grow a language model's capacity and context.")
 console = Console(stderr=False)
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # long paths stay greppable
 _state = {"debug": False}
 
 
