@@ -165,8 +165,8 @@ def rollback_command(
     copy: Annotated[bool, typer.Option("--copy", help="copy files instead of hardlinking them")] = False,
     root: RootOpt = None,
 ) -> None:
-    """Restore a verified snapshot's files (adapter weights, optimizer, scheduler, RNG, data
-    position) into a folder; `scaler-wizard run --resume RUN` continues from the latest one."""
+    """Restore a verified snapshot's files (trainable weights, optimizer, scheduler, RNG, data
+    position) into a folder (hardlinks; copies across filesystems)."""
     cache = _cache(root)
     snap = rollback_snapshot(cache, run, to)
     dest = target if target is not None else Path("runs") / run / "rollback" / snap.snapshot_id
