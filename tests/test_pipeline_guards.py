@@ -95,3 +95,30 @@ def test_unknown_strategy_is_a_clear_error_before_the_run(tmp_path, tiny_model_d
     with pytest.raises(ScalerWizardError, match="magic"):
         run(recipe, self_approve=True)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_cockpit_rollback_of_a_finished_real_run_restores_cached_snapshot(tmp_path, tiny_model_dir):
+    import secrets
+
+    from fastapi.testclient import TestClient
+
+    from scaler_wizard.cache.cache_cli import cockpit_rollback_handler
+    from scaler_wizard.cockpit.server import create_app
+
+    runs = tmp_path / "runs"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, runs, training__steps_per_stage=2)
+    run_dir = run(recipe, self_approve=True).run_dir
+    token = secrets.token_urlsafe(32)
+    client = TestClient(create_app(runs, token, ["testserver"], rollback_handler=cockpit_rollback_handler(runs)))
+    csrf = client.get(f"/api/session?token={token}").json()["csrf_token"]
+    snaps = client.get(f"/api/runs/{run_dir.name}/snapshots").json()
+    snaps = snaps.get("snapshots", snaps) if isinstance(snaps, dict) else snaps
+    assert snaps, "the pipeline left stage snapshots in the cache"
+    target = snaps[0]
+    r = client.post(f"/api/runs/{run_dir.name}/actions/rollback", json={"args": {"snapshot_id": target["snapshot_id"]}},
+                    headers={"Origin": "http://testserver", "X-CSRF-Token": csrf})
+    assert r.status_code == 200 and r.json()["applied"] is True
+    restored = run_dir / "rollback" / target["snapshot_id"]
+    assert restored.is_dir() and any(restored.rglob("*.safetensors"))
+    control = [json.loads(line) for line in (run_dir / "control.jsonl").read_text().splitlines()]
+    assert control[-1]["action"] == "rollback"

@@ -100,7 +100,9 @@ def run(
         parsed, _ = load_recipe(str(recipe) if recipe else None)
         runs_dir = resolve_path(parsed.run.output_dir)
         runs_dir.mkdir(parents=True, exist_ok=True)
-        server = CockpitServer(runs_dir).start()
+        from .cache.cache_cli import cockpit_rollback_handler
+
+        server = CockpitServer(runs_dir, rollback_handler=cockpit_rollback_handler(runs_dir)).start()
         console.print(f"cockpit: {server.url}")
     try:
         result = run_pipeline(

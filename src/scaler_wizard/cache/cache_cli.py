@@ -175,3 +175,18 @@ def rollback_command(
         f"[green]restored[/] {snap.ref} (stage {snap.stage}, step {snap.step}, {snap.phase}) "
         f"-> {dest} ({len(snap.files)} files)"
     )
+
+
+def cockpit_rollback_handler(runs_dir: Path):
+    """The cockpit's Rollback on a finished run: restore the chosen snapshot's files from the
+    cache into ``runs/<run>/rollback/<snapshot>`` (the same place ``scaler-wizard rollback`` uses)."""
+    from .checkpoints import CheckpointCache, default_cache_root
+
+    def handler(run_dir: Path, snap: dict) -> dict:
+        cache = CheckpointCache(default_cache_root(runs_dir))
+        info = cache.get(run_dir.name, snap["snapshot_id"])
+        dest = Path(run_dir) / "rollback" / info.snapshot_id
+        cache.restore(info, dest)
+        return {"path": str(dest), "files": len(info.files)}
+
+    return handler

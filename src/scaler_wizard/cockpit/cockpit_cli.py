@@ -26,5 +26,7 @@ def cockpit(
     except ImportError as exc:  # fastapi / uvicorn missing
         raise InputError(f"The cockpit needs the 'cockpit' extra ({exc.name} is not installed).",
                          hint="pip install 'scaler-wizard[cockpit]'") from None
+    from ..cache.cache_cli import cockpit_rollback_handler
+
     serve(runs_dir, host=host, port=port, allowed_hosts=allowed_host or None, open_browser=open_browser,
-          echo=typer.echo)
+          echo=typer.echo, rollback_handler=cockpit_rollback_handler(runs_dir))

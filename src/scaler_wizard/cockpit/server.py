@@ -493,13 +493,13 @@ class CockpitServer:
 
 
 def serve(runs_dir: Path | str, host: str = "127.0.0.1", port: int = 0, *, allowed_hosts: list[str] | None = None,
-          open_browser: bool = False, echo: Callable[[str], None] = print) -> None:
+          open_browser: bool = False, echo: Callable[[str], None] = print, **app_kwargs: Any) -> None:
     """Serve the cockpit until interrupted; prints the URL with its one-time token first."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise InputError(f"Runs folder {runs_dir} does not exist.",
                          hint="Pass the folder your recipe's run.output_dir points to (default: runs).")
-    server = CockpitServer(runs_dir, host, port, allowed_hosts=allowed_hosts)
+    server = CockpitServer(runs_dir, host, port, allowed_hosts=allowed_hosts, **app_kwargs)
     echo(f"Scaler Wizard cockpit for {runs_dir.resolve()}")
     echo(f"    {server.url}")
     echo("Open the URL above (it carries the access token). Ctrl+C stops the cockpit.")
