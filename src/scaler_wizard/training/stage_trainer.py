@@ -47,8 +47,13 @@ class ScalingTrainer(Trainer):
         labels = inputs["labels"]
         task = inputs.get("task")
         decoder, head = causal_lm_parts(model)
+        # Packed rows (packing.py) carry per-document position_ids and no attention_mask:
+        # transformers then keeps attention inside each document (use_cache=False is required).
         hidden = decoder(
-            input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs.get("attention_mask"),
+            position_ids=inputs.get("position_ids"),
+            use_cache=False,
         ).last_hidden_state
         if self.teacher is not None:
             from ..distill.losses import distillation_loss
