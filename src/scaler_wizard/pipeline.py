@@ -29,6 +29,7 @@ from .data import build_stage_rows, load_texts, split_heldout, token_stream
 from .errors import ModelLoadError, PlanError, RunHalted, ScalerWizardError
 from .evaluation.passkey import PasskeyBuilder
 from .evaluation.probes import (
+    BUILTIN_PROBES,
     PasskeyProbe,
     PerplexityProbe,
     ProbeContext,
@@ -77,6 +78,17 @@ class Reporter:
 # ------------------------------------------------------------------------------------------
 # Input checks (before anything is written)
 # ------------------------------------------------------------------------------------------
+
+
+def load_custom_probes(recipe: Recipe, recipe_dir: Path) -> list[Any]:
+    """Instances of the recipe's extra probes (entry points and drop-in folders), built before
+    the run starts so an unknown probe or bad option is an input error, not a mid-run crash."""
+    if not recipe.evaluation.custom:
+        return []
+    from .evaluation.registry import discover_probes
+
+    catalog = discover_probes([resolve_path(d, recipe_dir) for d in recipe.evaluation.probe_dirs])
+    return [catalog.create(spec.name, **spec.options) for spec in recipe.evaluation.custom]
 
 
 def check_model_dir(path: Path) -> None:
@@ -209,6 +221,8 @@ def log_probe_results(writer: MetricWriter, step: int, results: list[ProbeResult
                 ("passkey", "accuracy"): "probe/passkey",
                 ("short_context", "regression_pct"): "eval/short_context_regression_pct",
             }.get((r.probe, key))
+            if name is None and r.probe not in BUILTIN_PROBES and isinstance(value, (int, float)):
+                name = f"probe/{r.probe}/{key}"  # custom probes: every numeric metric
             if name:
                 writer.log(step, f"{prefix}{name}@{r.length}", value, stage=stage)
 
@@ -289,6 +303,7 @@ def run(
             recipe.evaluation.short_context.max_regression_pct if recipe.evaluation.short_context.enabled else None
         ),
     )
+    custom_probes = load_custom_probes(recipe, recipe_dir)
     reporter.phase("reading data")
     train_texts = load_texts([resolve_path(p, recipe_dir) for p in recipe.data.train], recipe.data.text_field)
     if recipe.data.eval:
@@ -349,7 +364,7 @@ def run(
         heldout_stream = token_stream(tokenizer, eval_texts)
         summary = _train_and_evaluate(
             recipe, run_dir, model, tokenizer, stages, base_length, original_config,
-            train_stream, heldout_stream, writer, reporter, grant,
+            train_stream, heldout_stream, writer, reporter, grant, custom_probes,
         )
         summary["approved_by"] = list(grant.approvers)
         summary["wall_time_s"] = round(time.time() - t_start, 1)
@@ -377,7 +392,7 @@ def run(
 
 
 def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, original_config,
-                        train_stream, heldout_stream, writer, reporter, grant):
+                        train_stream, heldout_stream, writer, reporter, grant, custom_probes=()):
     from .safety.gatekeeper import check_scope
 
     ctx = ProbeContext(tokenizer=tokenizer, heldout_stream=heldout_stream, base_length=base_length)
@@ -479,6 +494,7 @@ def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, 
 
             reporter.phase(f"stage {stage.index}/{len(stages)}: probing at {stage.length} tokens")
             results = probe_at(model, stage.length, ctx, recipe, with_short=True)
+            results += [run_probe(p, model, stage.length, ctx) for p in custom_probes]
             log_probe_results(writer, global_step, results, stage.index, "")
             guards.observe_eval(global_step, stage.index, results)
             failed = gate(stage, results, base_ppl)

@@ -146,7 +146,14 @@ class ShortContextProbeSection(_Strict):
     max_regression_pct: float = Field(10.0, ge=0, description="stage gate on ppl at base length vs base model")
 
 
+class CustomProbeSection(_Strict):
+    name: str = Field(..., description="a probe from the scaler_wizard.probes entry points or probe_dirs")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the probe class")
+
+
 class EvaluationSection(_Strict):
+    probe_dirs: list[str] = Field(default_factory=list, description="folders of drop-in probe files (*.py)")
+    custom: list[CustomProbeSection] = Field(default_factory=list, description="extra probes run after each stage")
     passkey: PasskeyProbeSection = Field(default_factory=PasskeyProbeSection)
     perplexity: PerplexityProbeSection = Field(default_factory=PerplexityProbeSection)
     short_context: ShortContextProbeSection = Field(default_factory=ShortContextProbeSection)
