@@ -122,3 +122,42 @@ def test_cockpit_rollback_of_a_finished_real_run_restores_cached_snapshot(tmp_pa
     assert restored.is_dir() and any(restored.rglob("*.safetensors"))
     control = [json.loads(line) for line in (run_dir / "control.jsonl").read_text().splitlines()]
     assert control[-1]["action"] == "rollback"
+
+
+def test_manual_gate_waits_for_operator_approval(tmp_path, tiny_model_dir):
+    import threading
+    import time
+
+    from scaler_wizard.safety.telegrams import append_control_command
+
+    runs = tmp_path / "runs"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, runs, training__steps_per_stage=2,
+                          context__manual_gates=True, context__manual_gate_timeout_s=120)
+    seen = {}
+
+    def operator():
+        deadline = time.time() + 110
+        while time.time() < deadline:
+            for status_file in runs.glob("*/status.json"):
+                try:
+                    status = json.loads(status_file.read_text())
+                except (OSError, ValueError):
+                    continue
+                if status.get("awaiting_approval"):
+                    seen["stage"] = status["stage"]
+                    time.sleep(0.5)
+                    append_control_command(status_file.parent, "approve", {"stage": status["stage"] + 1}, "test")
+                    return
+            time.sleep(0.1)
+
+    t = threading.Thread(target=operator, daemon=True)
+    t.start()
+    result = run(recipe, self_approve=True)
+    t.join(timeout=5)
+    assert seen == {"stage": 1}
+    events = _events(result.run_dir)
+    waited = [e["step"] for e in events if e["metric"] == "gate/awaiting_approval"]
+    approved = [e for e in events if e["metric"] == "gate/approved"]
+    assert waited and approved and approved[0]["stage"] == 2
+    stage2_losses = [e for e in events if e["metric"] == "train/loss" and e.get("stage") == 2]
+    assert stage2_losses and min(e["timestamp"] for e in stage2_losses) > approved[0]["timestamp"]

@@ -519,6 +519,10 @@ def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, 
         if decision == "stop":
             break
         guards.snapshot(model, global_step, stage.index, pinned=True, metrics=flatten_results(results))
+        if recipe.context.manual_gates and stage.index < len(stages):
+            approvals = [c for c in safety.approvals if c.args.get("stage") in (None, stage.index + 1)]
+            wait_for_approval(guards, run_dir, writer, stage, len(stages), global_step, already=bool(approvals),
+                              timeout_s=recipe.context.manual_gate_timeout_s)
     guards.close()
 
     # 6. Final figures at every length, the adapter and the merged model.
@@ -672,6 +676,30 @@ def attach_strategy(recipe: Recipe, model):
 
     options = recipe.scaling.block_expansion.model_dump() if name == "block_expansion" else recipe.scaling.options
     return get_strategy(name).prepare(model, options)
+
+
+def wait_for_approval(guards: RunGuards, run_dir: Path, writer: MetricWriter, stage: Stage, n_stages: int,
+                      step: int, *, already: bool, timeout_s: float | None, poll_s: float = 0.5) -> None:
+    """Manual gate: the next stage starts only after an operator's ``approve`` (cockpit button or
+    a control.jsonl line); ``abort`` while waiting halts the run."""
+    writer.log(step, "gate/awaiting_approval", 1.0, stage=stage.index)
+    writer.sync()
+    write_json_atomic(run_dir / "status.json", {"state": "running", "awaiting_approval": True, "stage": stage.index,
+                                                "stages": n_stages, "length": stage.length, "updated_at": utc_now()})
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    approved = already
+    while not approved:
+        for cmd in guards.inbox.poll():
+            if cmd.action == "abort":
+                raise RunHalted(f"Aborted by the operator while waiting for approval of stage {stage.index + 1}.")
+            if cmd.action == "approve" and cmd.args.get("stage") in (None, stage.index + 1):
+                approved = True
+        if not approved:
+            if deadline is not None and time.monotonic() > deadline:
+                raise RunHalted(f"No approval for stage {stage.index + 1} within {timeout_s:.0f} s.",
+                                hint="Approve in the cockpit, or append an approve line to control.jsonl.")
+            time.sleep(poll_s)
+    writer.log(step, "gate/approved", 1.0, stage=stage.index + 1)
 
 
 def prepare_distillation(recipe: Recipe, model, tokenizer, original_config, base_length: int):

@@ -100,6 +100,9 @@ class ContextSection(_Strict):
     method_params: dict[str, Any] = Field(default_factory=dict)
     schedule: list[int] | None = Field(None, description="explicit stage lengths; default doubles up to target")
     gate_policy: Literal["extend", "stop", "rollback", "continue"] = "extend"
+    manual_gates: bool = Field(False, description="wait for an operator's approve (cockpit / control.jsonl) "
+                               "before each next stage")
+    manual_gate_timeout_s: float | None = Field(None, gt=0, description="give up waiting (run halted); None: wait")
 
 
 class TrainingSection(_Strict):
