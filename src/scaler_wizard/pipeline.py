@@ -460,6 +460,7 @@ def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, 
             telemetry = StageTelemetryCallback(
                 lambda step, name, value, _s=stage.index: writer.log(step, name, value, stage=_s),
                 tokens_per_step, global_step, on_step=reporter.advance_training, side_metrics=side,
+                flush=writer.flush,
             )
             safety = SafetyCallback(guards.envelope, guards.telegrams, inbox=guards.inbox, step_offset=global_step,
                                     stage=stage.index, tokens_per_step=tokens_per_step, metric_writer=writer)

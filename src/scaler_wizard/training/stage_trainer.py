@@ -81,8 +81,10 @@ class StageTelemetryCallback(TrainerCallback):
     """Streams the Trainer's logs as MetricEvents and tracks throughput of the stage."""
 
     def __init__(self, log: Callable[[int, str, float], None], tokens_per_step: int, step_offset: int,
-                 on_step: Callable[[int], None] | None = None, side_metrics: dict | None = None):
+                 on_step: Callable[[int], None] | None = None, side_metrics: dict | None = None,
+                 flush: Callable[[], None] | None = None):
         self.log = log
+        self.flush = flush
         self.side_metrics = side_metrics if side_metrics is not None else {}
         self.tokens_per_step = tokens_per_step
         self.step_offset = step_offset
@@ -117,6 +119,8 @@ class StageTelemetryCallback(TrainerCallback):
             if count:
                 self.log(step, name, total / count)
         self.side_metrics.clear()
+        if self.flush:
+            self.flush()  # one write per log: live readers (cockpit, tail -f) see every log promptly
 
 
 def training_arguments(recipe: Recipe, steps: int, output_dir: Path, seed: int) -> TrainingArguments:
