@@ -239,7 +239,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-minutes", type=float, default=None, help="stop early (recorded in the log)")
     ap.add_argument("--out", type=Path, default=ASSETS / "demo_model")
+    ap.add_argument("--card-only", action="store_true", help="rewrite MODEL_CARD.md from build_log.json")
     args = ap.parse_args()
+    if args.card_only:
+        write_model_card(args.out, json.loads((args.out / "build_log.json").read_text()))
+        return
 
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
