@@ -27,7 +27,14 @@ RESULTS = ROOT / "bench" / "results"
 METHODS = ["none", "linear", "ntk", "dynamic", "yarn"]
 
 
-def zero_shot(model_dir: Path, method: str, base: int, lengths: list[int], trials: int, windows: int, heldout):
+def method_params(recipe, method: str) -> dict:
+    """The demo recipe's YaRN settings for yarn (beta_fast 4 for a 256-token original context);
+    every other method runs with its defaults."""
+    return dict(recipe.context.method_params) if method == recipe.context.method else {}
+
+
+def zero_shot(model_dir: Path, method: str, base: int, lengths: list[int], trials: int, windows: int, heldout,
+              params: dict):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -37,7 +44,7 @@ def zero_shot(model_dir: Path, method: str, base: int, lengths: list[int], trial
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.model_max_length = int(1e12)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    apply_to_model(model, method, base, lengths[-1])
+    apply_to_model(model, method, base, lengths[-1], params)
     stream = []
     for t in heldout:
         stream.extend(tok.encode(t, add_special_tokens=False) + [tok.eos_token_id])
@@ -68,6 +75,8 @@ def fine_tuned(method: str, steps: int, trials: int, windows: int, runs_dir: Pat
         r.evaluation.perplexity.windows = windows
         r.evaluation.evaluate_base_at = [r.evaluation.evaluate_base_at[0]] if r.evaluation.evaluate_base_at else None
         r.output.merge = False
+        r.training.threads = int(os.environ.get("BENCH_THREADS", "0")) or None
+        r.context.method_params = method_params(recipe, method)
         return r
 
     t0 = time.time()
@@ -100,7 +109,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("SCALER_WIZARD_HOME", str(Path(tmp) / "home"))
         for method in methods:
-            zs = zero_shot(model_dir, method, base, lengths, trials, windows, heldout)
+            zs = zero_shot(model_dir, method, base, lengths, trials, windows, heldout, method_params(recipe, method))
             ft = fine_tuned(method, steps, trials, windows, Path(tmp) / "runs", lengths[-1])
             rows[method] = {"zero_shot": zs, "fine_tuned": ft}
             print(json.dumps({"method": method, **rows[method]}), file=sys.stderr, flush=True)
@@ -114,6 +123,7 @@ def main() -> None:
         "synthetic_passkey_share": recipe.data.synthetic_passkey_share,
         "passkey_trials": trials,
         "perplexity_windows": windows,
+        "yarn_params": method_params(recipe, "yarn"),
         "methods": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

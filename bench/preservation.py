@@ -53,6 +53,7 @@ def child(mode: str, steps: list[int] | None, quick: bool, runs_dir: Path, cache
             r.evaluation.perplexity.windows = 2
         r.evaluation.evaluate_base_at = [256]
         r.context.gate_policy = "continue"  # same budget for every mode: no gate extension
+        r.training.threads = int(os.environ.get("BENCH_THREADS", "0")) or None
         d = r.distillation
         if mode != "none":
             d.replay_ratio = 0.25
@@ -120,6 +121,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--modes", default="none,replay,base,model,offline")
     ap.add_argument("--memory-steps", type=int, default=20, help="steps per stage for the model/offline runs")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="steps per stage for EVERY mode (a reduced, equal budget; default: the demo's)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-args", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -141,7 +144,12 @@ def main() -> None:
             cache_build_s = build_offline_cache(cache_dir, args.quick)
         for mode in modes:
             full_budget = mode in ("none", "replay", "base")
-            steps = [2, 2] if args.quick else (None if full_budget else [args.memory_steps, args.memory_steps])
+            if args.quick:
+                steps = [2, 2]
+            elif args.steps:
+                steps = [args.steps, args.steps]
+            else:
+                steps = None if full_budget else [args.memory_steps, args.memory_steps]
             payload = json.dumps({"steps": steps, "quick": args.quick, "runs": str(Path(tmp) / "runs"),
                                   "cache": str(cache_dir) if mode == "offline" else None})
             proc = subprocess.run([sys.executable, __file__, "--child", mode, "--child-args", payload],
