@@ -86,3 +86,23 @@ def test_no_approval_means_no_model_loaded_and_no_step(tmp_path, tiny_model_dir,
     assert json.loads((run_dir / "status.json").read_text())["state"] == "rejected"
     assert not (run_dir / "summary.json").exists() and not (run_dir / "metrics.jsonl").exists()
     assert (run_dir / "contract" / "audit.jsonl").exists()
+
+
+def test_shipped_demo_recipe_runs_on_the_embedded_model(tmp_path):
+    """The shipped recipe and the embedded demo model, with a 1-step budget per stage."""
+    def shrink(recipe):
+        r = recipe.model_copy(deep=True)
+        r.run.output_dir = str(tmp_path / "runs")
+        r.training.steps_per_stage = [1, 1]
+        r.evaluation.passkey.trials = 2
+        r.evaluation.perplexity.windows = 1
+        r.evaluation.evaluate_base_at = [256]
+        return r
+
+    result = run(None, recipe_overrides=shrink, self_approve=True)
+    s = result.summary
+    assert s["base_length"] == 256 and [st["length"] for st in s["stages"]] == [512, 1024]
+    assert s["export_check"]["max_abs_logit_diff"] < 1e-3
+    cfg = json.loads((result.run_dir / "model" / "config.json").read_text())
+    assert cfg["rope_parameters"]["rope_type"] == "yarn" and cfg["rope_parameters"]["beta_fast"] == 4.0
+    assert cfg["max_position_embeddings"] == 1024
