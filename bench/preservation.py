@@ -58,13 +58,14 @@ def child(mode: str, steps: list[int] | None, quick: bool, runs_dir: Path, cache
         if mode != "none":
             d.replay_ratio = 0.25
         if mode in ("base", "model", "offline"):
-            d.enabled = True
-            d.teacher = mode
-            d.kd_weight = 0.5
+            # sources first: the section re-validates on every assignment
             if mode == "model":
                 d.teacher_path = str(resolve_path(r.model.path))
             if mode == "offline":
                 d.cache = str(cache_dir)
+            d.teacher = mode
+            d.kd_weight = 0.5
+            d.enabled = True
         return r
 
     result = run(None, recipe_overrides=override, self_approve=True)
@@ -125,6 +126,8 @@ def main() -> None:
                     help="steps per stage for EVERY mode (a reduced, equal budget; default: the demo's)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-args", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--merge-into", action="store_true",
+                    help="add these modes' rows to the existing results file instead of replacing it")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.child:
@@ -160,6 +163,11 @@ def main() -> None:
             else:
                 rows.append(json.loads(line[0][len("RESULT "):]))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    out_file = RESULTS / ("preservation_quick.json" if args.quick else "preservation.json")
+    if args.merge_into and out_file.exists():
+        previous = json.loads(out_file.read_text())
+        rows = [r for r in previous["rows"] if r["mode"] not in modes] + rows
+        cache_build_s = cache_build_s or previous.get("offline_cache_build_s")
     by = {r["mode"]: r for r in rows}
     derived = {}
     if "none" in by and "base" in by and "error" not in by["none"] and "error" not in by["base"]:
@@ -174,7 +182,7 @@ def main() -> None:
               "note": "none/replay/base at the demo budget; model/offline at --memory-steps per stage (memory and "
                       "throughput only; their quality figures are not comparable)"}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / ("preservation_quick.json" if args.quick else "preservation.json")).write_text(json.dumps(result, indent=2))
+    out_file.write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
 
 
