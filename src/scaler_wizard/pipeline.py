@@ -654,28 +654,14 @@ class RunGuards:
 
 
 def attach_strategy(recipe: Recipe, model):
-    """Add capacity: PEFT LoRA adapters (``lora``), new decoder blocks (``block_expansion``), or a
-    plugin strategy from the ``scaler_wizard.strategies`` entry points."""
-    name = recipe.scaling.strategy
-    if name == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lora = recipe.scaling.lora
-        return get_peft_model(model, LoraConfig(
-            r=lora.rank,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
-            use_rslora=lora.use_rslora,
-            use_dora=lora.use_dora,
-            modules_to_save=lora.modules_to_save or None,
-            rank_pattern=lora.rank_pattern,
-            alpha_pattern=lora.alpha_pattern,
-            task_type="CAUSAL_LM",
-        ))
+    """Add capacity through the strategy registry (``scaling/strategies.py``): PEFT LoRA
+    adapters (``lora``), new decoder blocks (``block_expansion``), or a plugin strategy from the
+    ``scaler_wizard.strategies`` entry points. Built-ins take their typed recipe section."""
     from .scaling.strategies import get_strategy
 
-    options = recipe.scaling.block_expansion.model_dump() if name == "block_expansion" else recipe.scaling.options
+    name = recipe.scaling.strategy
+    typed = {"lora": recipe.scaling.lora, "block_expansion": recipe.scaling.block_expansion}
+    options = typed[name].model_dump() if name in typed else recipe.scaling.options
     return get_strategy(name).prepare(model, options)
 
 
