@@ -87,9 +87,15 @@ def run(
     ),
     approvers: Optional[Path] = typer.Option(None, "--approvers", help="trusted-approvers file"),
     cockpit: bool = typer.Option(False, "--cockpit", help="serve the live cockpit on 127.0.0.1 during the run"),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", help="continue an interrupted run (its folder or id) from its newest valid snapshot"
+    ),
 ) -> None:
     """Run a scaling recipe end to end (default: the embedded demo, 256 -> 1024 tokens)."""
     from .pipeline import run as run_pipeline
+
+    if resume is not None and recipe is not None:
+        raise typer.BadParameter("give either a RECIPE or --resume RUN (a resumed run keeps its own recipe)")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     server = None
@@ -97,8 +103,13 @@ def run(
         from .cockpit.server import CockpitServer
         from .recipe import load_recipe, resolve_path
 
-        parsed, _ = load_recipe(str(recipe) if recipe else None)
-        runs_dir = resolve_path(parsed.run.output_dir)
+        if resume is not None:
+            from .resume import resolve_run_dir
+
+            runs_dir = resolve_run_dir(resume).parent
+        else:
+            parsed, _ = load_recipe(str(recipe) if recipe else None)
+            runs_dir = resolve_path(parsed.run.output_dir)
         runs_dir.mkdir(parents=True, exist_ok=True)
         from .cache.cache_cli import cockpit_rollback_handler
 
@@ -112,6 +123,7 @@ def run(
             self_approve=self_approve,
             interactive=sys.stdin.isatty() and sys.stdout.isatty(),
             approvers=approvers,
+            resume=resume,
         )
     finally:
         if server is not None:

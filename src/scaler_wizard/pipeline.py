@@ -59,6 +59,20 @@ class RunResult:
     summary: dict[str, Any]
 
 
+class RunStatus(dict):
+    """status.json of a run: every update is written at once, atomically (the cockpit, `run
+    --resume` and operators read it while the run goes on)."""
+
+    def __init__(self, path: Path, initial: dict[str, Any]):
+        super().__init__(initial)
+        self.path = path
+        write_json_atomic(self.path, dict(self))
+
+    def update(self, *args: Any, **fields: Any) -> None:  # type: ignore[override]
+        super().update(*args, **fields, updated_at=utc_now())
+        write_json_atomic(self.path, dict(self))
+
+
 class Reporter:
     """Where the pipeline says what it is doing; the CLI passes a rich-backed one."""
 
@@ -264,7 +278,10 @@ def run(
     self_approve: bool = False,
     interactive: bool = False,
     approvers: Path | None = None,
+    resume: str | Path | None = None,
 ) -> RunResult:
+    """Run a recipe, or with ``resume`` (a run folder or id) continue an interrupted run from its
+    newest valid snapshot: same recipe, a new approval, training resumed at the exact step."""
     import torch
     from transformers import AutoConfig, set_seed
 
@@ -275,9 +292,20 @@ def run(
 
     # 1. Inputs: recipe, model folder, method, schedule, data -- all checked before the run
     #    directory exists, so bad input never leaves a half-written run behind.
-    recipe, recipe_dir = load_recipe(recipe_path)
-    if recipe_overrides:
-        recipe = recipe_overrides(recipe)
+    resume_point = None
+    if resume is not None:
+        from .resume import find_resume_point
+
+        resume_point = find_resume_point(resume)
+        recipe, _ = load_recipe(resume_point.recipe_file)
+        recipe_dir = resume_point.recipe_dir
+        if recipe.digest() != resume_point.recipe_digest:
+            raise PlanError(f"{resume_point.recipe_file} no longer matches the recipe the run was approved with.",
+                            hint="Restore the file, or start a new run with the changed recipe.")
+    else:
+        recipe, recipe_dir = load_recipe(recipe_path)
+        if recipe_overrides:
+            recipe = recipe_overrides(recipe)
     model_dir = resolve_path(recipe.model.path, recipe_dir)
     check_model_dir(model_dir)
     try:
@@ -313,42 +341,36 @@ def run(
 
     # 2. The run directory, then the human contract: no model is loaded and no step is taken
     #    without a valid approval token bound to this run, recipe, model and data.
-    run_dir = new_run_dir(resolve_path(recipe.run.output_dir), planned_run_id(recipe, contract), recipe.run.name)
-    status = {"state": "awaiting_approval", "started_at": utc_now(), "stage": 0, "stages": len(stages)}
-    write_json_atomic(run_dir / "status.json", status)
+    if resume_point is not None:
+        run_dir = resume_point.run_dir
+        initial = {k: v for k, v in resume_point.status.items() if k not in ("error", "finished_at")}
+        initial["state"] = "awaiting_approval"
+        initial["resumes"] = [*initial.get("resumes", []), {"at": utc_now(), "snapshot": resume_point.snapshot.ref,
+                                                            "step": resume_point.snapshot.step}]
+    else:
+        run_dir = new_run_dir(resolve_path(recipe.run.output_dir), planned_run_id(recipe, contract), recipe.run.name)
+        initial = {"state": "awaiting_approval", "started_at": utc_now(), "stage": 0, "stages": len(stages)}
+    status = RunStatus(run_dir / "status.json", initial)
     try:
         grant = authorize_run(recipe, recipe_dir, run_id=run_dir.name, run_dir=run_dir, contract_path=contract,
-                              self_approve=self_approve, interactive=interactive, approvers_path=approvers)
+                              self_approve=self_approve, interactive=interactive, approvers_path=approvers,
+                              resuming=resume_point is not None)
     except BaseException as exc:
-        status.update(state="rejected", finished_at=utc_now(), error=str(exc))
-        write_json_atomic(run_dir / "status.json", status)
+        status.update(state="rejected" if resume_point is None else "failed", finished_at=utc_now(), error=str(exc))
         raise
-    status["state"] = "running"
-    write_json_atomic(run_dir / "status.json", status)
+    # the pid lets `run --resume` refuse a run that is still alive
+    status.update(state="running", pid=os.getpid())
 
     if recipe.training.threads:
         torch.set_num_threads(recipe.training.threads)
     set_seed(recipe.run.seed)
-    (run_dir / "recipe.resolved.yaml").write_text(_yaml_dump(recipe.model_dump(mode="json")), encoding="utf-8")
-    write_json_atomic(
-        run_dir / "envelope.json",
-        {
-            "schema_version": 1,
-            "run_id": run_dir.name,
-            "config": recipe.model_dump(mode="json"),
-            "recipe_digest": recipe.digest(),
-            "hardware": hardware_inventory(),
-            "metrics_path": "metrics.jsonl",
-            "telegram_path": "telegram.json",
-            "created_at": utc_now(),
-            "package_version": __version__,
-            "model_path": str(model_dir),
-            "base_length": base_length,
-            "stages": [s.length for s in stages],
-            "approved_by": list(grant.approvers),
-        },
-    )
+    if resume_point is None:
+        _write_run_record(run_dir, recipe, recipe_dir, model_dir, base_length, stages, grant)
     writer = MetricWriter(run_dir / "metrics.jsonl")
+    if resume_point is not None:
+        # events after the snapshot step were written before the interruption; readers take
+        # the latest value of a metric at a step, so the replayed steps supersede them
+        writer.log(resume_point.snapshot.step, "run/resumed", 1.0, snapshot=resume_point.snapshot.ref)
     remote = None
     if recipe.telemetry.remote.url:  # opt-in community aggregation; names leave only as salted hashes
         from .telemetry.remote import RemoteSink
@@ -364,9 +386,12 @@ def run(
         heldout_stream = token_stream(tokenizer, eval_texts)
         summary = _train_and_evaluate(
             recipe, run_dir, model, tokenizer, stages, base_length, original_config,
-            train_stream, heldout_stream, writer, reporter, grant, custom_probes,
+            train_stream, heldout_stream, writer, reporter, grant, status, custom_probes,
+            resume_point=resume_point,
         )
         summary["approved_by"] = list(grant.approvers)
+        if status.get("resumes"):
+            summary["resumes"] = status["resumes"]
         summary["wall_time_s"] = round(time.time() - t_start, 1)
         summary["peak_rss_gb"] = round(peak_rss_gb(), 3)
         if torch.cuda.is_available():
@@ -379,7 +404,6 @@ def run(
         write_json_atomic(run_dir / "summary.json", summary)
         close_run(grant, "completed")
         status.update(state="completed", finished_at=utc_now(), stage=len(stages))
-        write_json_atomic(run_dir / "status.json", status)
         return RunResult(run_dir, summary)
     except BaseException as exc:
         writer.close()
@@ -387,18 +411,42 @@ def run(
             remote.close()
         close_run(grant, "halted" if isinstance(exc, RunHalted) else "failed")
         status.update(state="failed", finished_at=utc_now(), error=f"{type(exc).__name__}: {exc}")
-        write_json_atomic(run_dir / "status.json", status)
         raise
 
 
-def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, original_config,
-                        train_stream, heldout_stream, writer, reporter, grant, custom_probes=()):
-    from .safety.gatekeeper import check_scope
+def _write_run_record(run_dir, recipe, recipe_dir, model_dir, base_length, stages, grant) -> None:
+    """recipe.resolved.yaml and envelope.json: what the run is, written once at its start."""
+    (run_dir / "recipe.resolved.yaml").write_text(_yaml_dump(recipe.model_dump(mode="json")), encoding="utf-8")
+    write_json_atomic(
+        run_dir / "envelope.json",
+        {
+            "schema_version": 1,
+            "run_id": run_dir.name,
+            "config": recipe.model_dump(mode="json"),
+            "recipe_digest": recipe.digest(),
+            "hardware": hardware_inventory(),
+            "metrics_path": "metrics.jsonl",
+            "telegram_path": "telegram.json",
+            "created_at": utc_now(),
+            "package_version": __version__,
+            "model_path": str(model_dir),
+            "recipe_dir": str(recipe_dir),
+            "base_length": base_length,
+            "stages": [s.length for s in stages],
+            "approved_by": list(grant.approvers),
+        },
+    )
 
-    ctx = ProbeContext(tokenizer=tokenizer, heldout_stream=heldout_stream, base_length=base_length)
 
-    # 3. The base model, unscaled, at the base length and at every stage length.
-    reporter.phase("probing the base model")
+def probe_base(model, recipe: Recipe, ctx: ProbeContext, base_length: int, stages, run_dir: Path,
+               writer: MetricWriter, resumed: bool) -> list[ProbeResult]:
+    """The base model, unscaled, at the base length and at every stage length. The results are
+    kept in base_probes.json, so a resumed run reuses them instead of probing again."""
+    record = run_dir / "base_probes.json"
+    if resumed and record.is_file():
+        saved = json.loads(record.read_text(encoding="utf-8"))
+        ctx.baseline.update(saved["baseline"])
+        return [ProbeResult(**r) for r in saved["results"]]
     base_lengths = recipe.evaluation.evaluate_base_at or [base_length] + [s.length for s in stages]
     base_results = []
     for length in base_lengths:
@@ -412,6 +460,21 @@ def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, 
         r = run_probe(PerplexityProbe(recipe.evaluation.perplexity.windows), model, base_length, ctx)
         if not r.error:
             ctx.baseline[f"perplexity@{base_length}"] = r.metrics["perplexity"]
+    write_json_atomic(record, {"baseline": ctx.baseline, "results": [asdict(r) for r in base_results]})
+    return base_results
+
+
+def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, original_config,
+                        train_stream, heldout_stream, writer, reporter, grant, status, custom_probes=(),
+                        resume_point=None):
+    from .resume import RunPosition
+    from .safety.gatekeeper import check_scope
+
+    ctx = ProbeContext(tokenizer=tokenizer, heldout_stream=heldout_stream, base_length=base_length)
+
+    # 3. The base model, unscaled, at the base length and at every stage length.
+    reporter.phase("probing the base model")
+    base_results = probe_base(model, recipe, ctx, base_length, stages, run_dir, writer, resume_point is not None)
     base_ppl = ctx.baseline.get(f"perplexity@{base_length}")
 
     # 4. Capacity (PEFT LoRA adapters, or new blocks), the teacher, and the run's guards.
@@ -426,24 +489,56 @@ def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, 
     lr = recipe.training.learning_rate
 
     # 5. Stages: scale positions, train, probe, gate.
-    from .training.stage_trainer import StageTelemetryCallback, train_stage
+    from .training.stage_trainer import (
+        ResumeFrom,
+        SnapshotCallback,
+        StageTelemetryCallback,
+        train_stage,
+        trainer_state_json,
+    )
     from .training.safety_callback import SafetyCallback
 
     passkey_builder = PasskeyBuilder(tokenizer, tokenizer.bos_token_id) if recipe.data.synthetic_passkey_share else None
     outcomes: list[StageOutcome] = []
     global_step = 0
     first_losses, last_losses = [], []
+    pos: RunPosition | None = resume_point.position if resume_point is not None else None
+    if pos is not None:
+        # Continue where the snapshot was taken: its weights and the loop's bookkeeping.
+        guards.load_weights(model, resume_point.snapshot)
+        outcomes = [StageOutcome(**o) for o in pos.outcomes]
+        global_step, lr = pos.global_step, pos.learning_rate
+        first_losses, last_losses = list(pos.first_losses), list(pos.last_losses)
+
+    def position(**where: Any) -> RunPosition:
+        return RunPosition(outcomes=[asdict(o) for o in outcomes], learning_rate=lr, **where)
+
     rows_per_stage_step = recipe.training.micro_batch_size * recipe.training.gradient_accumulation_steps
     for stage in stages:
+        if pos is not None and (stage.index < pos.stage or (stage.index == pos.stage and pos.complete)):
+            continue  # finished before the interruption
         t_stage = time.time()
-        write_json_atomic(run_dir / "status.json", {"state": "running", "stage": stage.index, "stages": len(stages),
-                                                    "length": stage.length, "updated_at": utc_now()})
+        status.update(stage=stage.index, length=stage.length, awaiting_approval=False)
         apply_to_model(model, stage.method, base_length, stage.length, stage.method_params,
                        original_config=original_config)
-        stage_start = guards.snapshot(model, global_step, stage.index, pinned=True)
-        attempts, steps_trained, decision = 0, 0, "pass"
+        pending_resume, carried_losses = None, []
+        if pos is not None and stage.index == pos.stage:
+            # resumed inside this stage: attempt, step and stage-start snapshot from the position
+            stage_start = (guards.cache.get(run_dir.name, pos.stage_start_snapshot) if pos.stage_start_snapshot
+                           else resume_point.snapshot)
+            attempts, steps_trained, global_step = pos.attempt - 1, pos.steps_trained, pos.attempt_start_step
+            if pos.stage_step > 0:
+                pending_resume = ResumeFrom(guards.cache.open_files(resume_point.snapshot), pos.trainer_state)
+                carried_losses = list(pos.last_losses)
+        else:
+            stage_start = guards.snapshot(model, global_step, stage.index, pinned=True, position=position(
+                stage=stage.index, complete=False, attempt=1, attempt_start_step=global_step, global_step=global_step,
+                first_losses=first_losses, last_losses=last_losses))
+            attempts, steps_trained = 0, 0
+        decision = "pass"
         while True:
             attempts += 1
+            resume_from, pending_resume = pending_resume, None
             rows = build_stage_rows(
                 train_stream,
                 stage.length,
@@ -464,22 +559,38 @@ def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, 
             )
             safety = SafetyCallback(guards.envelope, guards.telegrams, inbox=guards.inbox, step_offset=global_step,
                                     stage=stage.index, tokens_per_step=tokens_per_step, metric_writer=writer)
+
+            def save_resume_point(state, mdl, optimizer, scheduler, _stage=stage.index, _attempt=attempts,
+                                  _start=global_step, _done=steps_trained, _telemetry=telemetry,
+                                  _carried=carried_losses, _stage_start=stage_start):
+                losses = _carried + _telemetry.losses
+                guards.snapshot(mdl, _start + state.global_step, _stage, pinned=False, optimizer=optimizer,
+                                scheduler=scheduler, position=position(
+                                    stage=_stage, complete=False, attempt=_attempt, stage_step=state.global_step,
+                                    attempt_start_step=_start, global_step=_start + state.global_step,
+                                    steps_trained=_done, stage_start_snapshot=_stage_start.snapshot_id,
+                                    trainer_state=trainer_state_json(state),
+                                    first_losses=first_losses or losses[:2], last_losses=losses[-2:]))
+
+            snapshots = SnapshotCallback(recipe.training.snapshot_every, save_resume_point)
             # the approval covers this stage's length, steps and data, or the run stops here
             check_scope(grant, stage_length=stage.length, steps_so_far=global_step, stage_steps=stage.steps,
                         recipe=recipe, stage_index=stage.index)
             reporter.start_training(stage, stage.steps)
             trainer = train_stage(model, rows, recipe, stage.steps, run_dir / ".trainer",
-                                  recipe.run.seed + stage.index + 100 * attempts, [telemetry, safety],
-                                  learning_rate=lr, teacher=teacher, distill=distill_config, side_metrics=side)
+                                  recipe.run.seed + stage.index + 100 * attempts, [telemetry, safety, snapshots],
+                                  learning_rate=lr, teacher=teacher, distill=distill_config, side_metrics=side,
+                                  resume=resume_from)
             reporter.end_training()
             done = trainer.state.global_step
             global_step += done
             steps_trained += done
             guards.relay_telegrams()
-            if telemetry.losses:
+            losses, carried_losses = carried_losses + telemetry.losses, []
+            if losses:
                 if not first_losses:
-                    first_losses = telemetry.losses[:2]
-                last_losses = telemetry.losses[-2:]
+                    first_losses = losses[:2]
+                last_losses = losses[-2:]
             if safety.requested_action in ("halt", "abort"):
                 raise RunHalted(
                     f"Training stopped at step {safety.stopped_at_step} of stage {stage.index}: {safety.stop_reason}.",
@@ -519,10 +630,12 @@ def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, 
             break
         if decision == "stop":
             break
-        guards.snapshot(model, global_step, stage.index, pinned=True, metrics=flatten_results(results))
+        guards.snapshot(model, global_step, stage.index, pinned=True, metrics=flatten_results(results),
+                        position=position(stage=stage.index, complete=True, global_step=global_step,
+                                          first_losses=first_losses, last_losses=last_losses))
         if recipe.context.manual_gates and stage.index < len(stages):
             approvals = [c for c in safety.approvals if c.args.get("stage") in (None, stage.index + 1)]
-            wait_for_approval(guards, run_dir, writer, stage, len(stages), global_step, already=bool(approvals),
+            wait_for_approval(guards, status, writer, stage, global_step, already=bool(approvals),
                               timeout_s=recipe.context.manual_gate_timeout_s)
     guards.close()
 
@@ -609,16 +722,26 @@ class RunGuards:
         self.telegrams = TelegramWriter(run_dir)
         self.inbox = ControlInbox(run_dir / "control.jsonl")
         self.throttle = CognitiveLoadThrottle(recipe.alerts, log_path=run_dir / "alerts.jsonl")
-        self.cache = CheckpointCache(default_cache_root(resolve_path(recipe.run.output_dir)))
+        self.cache = CheckpointCache(default_cache_root(run_dir.parent))  # beside the run folders
         self._telegram_tail = JsonlTail(run_dir / "telegrams.jsonl", from_start=True)
 
-    def snapshot(self, model, step: int, stage: int, *, pinned: bool, metrics: dict | None = None):
-        from .cache.checkpoints import PHASE_STAGE_END
+    def snapshot(self, model, step: int, stage: int, *, pinned: bool, metrics: dict | None = None,
+                 position=None, optimizer=None, scheduler=None):
+        """Commit a snapshot: stage boundaries are pinned (rollback targets); mid-stage ones
+        carry the optimizer, scheduler and RNG state too, for exact resume."""
+        from .cache.checkpoints import PHASE_STAGE_END, PHASE_TRAIN
         from .cache.state import save_snapshot
 
         self.writer.sync()  # telemetry is durable up to every snapshot
         return save_snapshot(self.cache, self.run_dir.name, step=step, model=model, stage=stage,
-                             phase=PHASE_STAGE_END, metrics=metrics or {}, pinned=pinned)
+                             phase=PHASE_TRAIN if optimizer is not None else PHASE_STAGE_END,
+                             metrics=metrics or {}, pinned=pinned, optimizer=optimizer, scheduler=scheduler,
+                             data_position=position.to_json() if position is not None else None)
+
+    def load_weights(self, model, snap) -> None:
+        from .cache.state import load_snapshot
+
+        load_snapshot(self.cache, snap, model=model, restore_rng=False)
 
     def restore(self, model, snap) -> None:
         from .cache.state import load_snapshot
@@ -665,14 +788,13 @@ def attach_strategy(recipe: Recipe, model):
     return get_strategy(name).prepare(model, options)
 
 
-def wait_for_approval(guards: RunGuards, run_dir: Path, writer: MetricWriter, stage: Stage, n_stages: int,
-                      step: int, *, already: bool, timeout_s: float | None, poll_s: float = 0.5) -> None:
+def wait_for_approval(guards: RunGuards, status: RunStatus, writer: MetricWriter, stage: Stage, step: int, *,
+                      already: bool, timeout_s: float | None, poll_s: float = 0.5) -> None:
     """Manual gate: the next stage starts only after an operator's ``approve`` (cockpit button or
     a control.jsonl line); ``abort`` while waiting halts the run."""
     writer.log(step, "gate/awaiting_approval", 1.0, stage=stage.index)
     writer.sync()
-    write_json_atomic(run_dir / "status.json", {"state": "running", "awaiting_approval": True, "stage": stage.index,
-                                                "stages": n_stages, "length": stage.length, "updated_at": utc_now()})
+    status.update(state="running", awaiting_approval=True, stage=stage.index, length=stage.length)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     approved = already
     while not approved:

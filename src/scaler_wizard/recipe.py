@@ -118,6 +118,8 @@ class TrainingSection(_Strict):
     logging_steps: int = Field(5, ge=1)
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")
     loss_chunk_size: int = Field(512, ge=1, description="tokens per chunk of the chunked cross-entropy")
+    snapshot_every: int = Field(25, ge=0, description="optimizer steps between resumable snapshots "
+                                "(adapters, optimizer, scheduler, RNG, data position); 0: stage boundaries only")
 
     @field_validator("steps_per_stage")
     @classmethod

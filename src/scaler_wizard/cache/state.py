@@ -134,7 +134,7 @@ def _read(src: bytes | Path | str) -> bytes:
     return src if isinstance(src, bytes) else Path(src).read_bytes()
 
 
-def _load_component(files: Mapping[str, bytes | Path | str], name: str) -> Any:
+def load_component(files: Mapping[str, bytes | Path | str], name: str) -> Any:
     tree = json.loads(_read(files[f"{name}/state.json"]).decode("utf-8"))
     key = f"{name}/tensors.safetensors"
     tensors = st_load(_read(files[key])) if key in files else {}
@@ -291,14 +291,14 @@ def apply_training_state(
     result.components.append("model")
     if optimizer is not None:
         _require(present, "optimizer")
-        optimizer.load_state_dict(_load_component(files, "optimizer"))
+        optimizer.load_state_dict(load_component(files, "optimizer"))
         result.components.append("optimizer")
     if scheduler is not None:
         _require(present, "scheduler")
-        scheduler.load_state_dict(_load_component(files, "scheduler"))
+        scheduler.load_state_dict(load_component(files, "scheduler"))
         result.components.append("scheduler")
     if restore_rng and "rng" in present:
-        result.skipped += set_rng_state(_load_component(files, "rng"))
+        result.skipped += set_rng_state(load_component(files, "rng"))
         result.components.append("rng")
     if "data" in present:
         result.data_position = join_tensors(

@@ -363,8 +363,9 @@ def authorize_run(
     echo: Callable[[str], None] = _echo_stderr,
     ask: Callable[[str], str] = input,
     now: datetime | None = None,
+    resuming: bool = False,
 ) -> ApprovalGrant:
-    """The gate at run start. Call before the model is loaded; raises ContractError (exit 3).
+    """The gate at run start (and at every resume: continuing a run needs a new approval). Call before the model is loaded; raises ContractError (exit 3).
 
     With ``contract_path``: the contract must verify and bind this run/recipe/model/data.
     Without it: ``interactive`` (a terminal) shows the summary and asks for the signoff sentence;
@@ -374,7 +375,11 @@ def authorize_run(
     """
     audit = AuditLog(audit_path(run_dir))
     try:
-        _refuse_used_run_dir(audit, run_id)
+        if resuming:
+            _refuse_completed_run(audit, run_id)
+            audit.record("resume_requested", "pass", run_id=run_id)
+        else:
+            _refuse_used_run_dir(audit, run_id)
         trust_file = find_approvers_file(recipe_dir, approvers_path)
         trust = load_trust_policy(trust_file)
         if contract_path is not None:
@@ -408,6 +413,13 @@ def _refuse_used_run_dir(audit: AuditLog, run_id: str) -> None:
                 "covers one run and is not reused.",
                 hint="Start a new run with a new contract.",
             )
+
+
+def _refuse_completed_run(audit: AuditLog, run_id: str) -> None:
+    for rec in audit.entries():
+        if rec.get("event") == "run_closed" and rec.get("outcome") == "completed":
+            raise ContractError(f"Run {run_id!r} completed at {rec.get('timestamp')}; it cannot be resumed.",
+                                hint="Start a new run with a new contract.")
 
 
 def _self_approve(recipe, recipe_dir, run_id, trust, *, interactive, audit, max_wall_time_s, echo, ask,
@@ -448,7 +460,12 @@ def _issue_grant(verified: VerifiedContract, recipe: Recipe, run_id: str, run_di
                  self_approved: bool, trust_file: Path | None, now: datetime | None) -> ApprovalGrant:
     body = verified.contract.body
     contract_dir = run_dir / "contract"
-    write_text_atomic(contract_dir / "contract.yaml", dump_contract(verified.contract))
+    # a resumed run is approved again; every approval's contract is kept (contract.yaml, contract-2.yaml, ...)
+    contract_file, n = contract_dir / "contract.yaml", 1
+    while contract_file.exists():
+        n += 1
+        contract_file = contract_dir / f"contract-{n}.yaml"
+    write_text_atomic(contract_file, dump_contract(verified.contract))
     audit.record(
         "contract_verified", "pass", run_id=run_id, contract_id=body.contract_id, contract_digest=verified.digest,
         approvers=list(verified.approvers), key_ids=list(verified.key_ids), required_signatures=verified.required,

@@ -4,17 +4,28 @@ checkpointing and ``accelerate launch`` come from it), with our loss and our cal
 The loss is computed from the decoder's hidden states with :func:`chunked_token_ce` so the
 full-vocabulary logits are never materialised, and balanced per task (language modelling vs
 synthetic retrieval rows).
+
+Exact resume (``scaler-wizard run --resume``) goes through the Trainer's own resume path --
+``train(resume_from_checkpoint=DIR)`` restores ``global_step``, skips the batches already seen
+(``skip_first_batches``) and re-syncs the RNG after the skip -- but every loader that would
+``torch.load`` a pickle is overridden to read our snapshot instead (safetensors + JSON,
+``cache/state.py``). DIR only holds the Trainer's own ``trainer_state.json``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_callback import PrinterCallback, TrainerState
 
 from ..losses.chunked_ce import chunked_token_ce, task_balanced_mean
 from ..recipe import Recipe
@@ -33,8 +44,11 @@ class ScalingTrainer(Trainer):
     distillation loss ``(1-lambda)*CE + lambda*T^2*KD`` (``distill/losses.py``)."""
 
     def __init__(self, *args: Any, loss_chunk_size: int = 512, teacher: Any = None, distill: Any = None,
-                 side_metrics: dict[str, float] | None = None, **kwargs: Any):
+                 side_metrics: dict[str, float] | None = None, resume_files: Mapping[str, Any] | None = None,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
+        # snapshot files (logical name -> path) that the overridden loaders below read on resume
+        self.resume_files = resume_files
         self.loss_chunk_size = loss_chunk_size
         self.teacher = teacher
         self.distill = distill
@@ -75,6 +89,84 @@ class ScalingTrainer(Trainer):
     def _accumulate(self, name: str, value: float) -> None:
         total, count = self.side_metrics.get(name, (0.0, 0))
         self.side_metrics[name] = (total + value, count + 1)
+
+    # --- resume: the Trainer's loaders, reading our safe snapshot instead of pickles ---------
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        from ..cache.state import apply_training_state
+
+        apply_training_state(self._resume_required(), model=model or self.model, restore_rng=False)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None:
+            return
+        from ..cache.state import load_component
+
+        files = self._resume_required()
+        self.optimizer.load_state_dict(load_component(files, "optimizer"))
+        self.lr_scheduler.load_state_dict(load_component(files, "scheduler"))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        # Called by the Trainer *after* it skipped the consumed batches, so the generators
+        # continue exactly where the interrupted run left them at the snapshot step.
+        if checkpoint is None:
+            return
+        from ..cache.state import load_component, set_rng_state
+
+        set_rng_state(load_component(self._resume_required(), "rng"))
+
+    def _load_scaler(self, checkpoint: str | None) -> None:
+        return  # no GradScaler state in our snapshots (fp16 mixed precision keeps its default)
+
+    def _resume_required(self) -> Mapping[str, Any]:
+        if self.resume_files is None:
+            raise RuntimeError("resume_from_checkpoint needs the snapshot files (resume_files)")
+        return self.resume_files
+
+
+def trainer_state_json(state: TrainerState) -> str:
+    """The Trainer's own state as ``TrainerState.save_to_json`` writes it (plain JSON)."""
+    return json.dumps(dataclasses.asdict(state), sort_keys=True)
+
+
+@dataclass
+class ResumeFrom:
+    """A mid-stage snapshot to continue from: its files and the Trainer state saved with it."""
+
+    files: Mapping[str, Any]
+    trainer_state_json: str
+
+
+class SnapshotCallback(TrainerCallback):
+    """Commits a resumable snapshot every ``every`` optimizer steps (main process only).
+
+    The snapshot is taken at the step's *log* (a log is forced on snapshot steps), after the
+    safety callback has judged that step: a step the envelope stopped, or one that left a
+    non-finite trainable weight, is never committed as a resume point. Nothing between the end
+    of a step and its log draws random numbers, so the RNG state captured here is the one the
+    next step starts from.
+    """
+
+    def __init__(self, every: int, save: Callable[[TrainerState, Any, Any, Any], None]):
+        self.every = every
+        self.save = save
+        self.model = self.optimizer = self.lr_scheduler = None
+
+    def _due(self, state: TrainerState) -> bool:
+        return self.every > 0 and state.global_step % self.every == 0 and state.global_step < state.max_steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._due(state):
+            control.should_log = True
+
+    def on_log(self, args, state, control, logs=None, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        if not self._due(state) or control.should_training_stop or not state.is_world_process_zero:
+            return
+        if any(not bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad):
+            return
+        if logs and "loss" in logs and not math.isfinite(float(logs["loss"])):
+            return
+        self.save(state, model, optimizer, lr_scheduler)
 
 
 class StageTelemetryCallback(TrainerCallback):
@@ -167,14 +259,24 @@ def train_stage(
     teacher: Any = None,
     distill: Any = None,
     side_metrics: dict | None = None,
+    resume: ResumeFrom | None = None,
 ) -> Any:
     args = training_arguments(recipe, steps, output_dir, seed)
     if learning_rate is not None:
         args.learning_rate = learning_rate
     trainer = ScalingTrainer(model=model, args=args, train_dataset=rows, callbacks=callbacks, teacher=teacher,
                              loss_chunk_size=recipe.training.loss_chunk_size,
-                             distill=distill, side_metrics=side_metrics)
+                             distill=distill, side_metrics=side_metrics,
+                             resume_files=resume.files if resume else None)
     # Progress and metrics go through our callbacks (rich bar, metrics.jsonl), not stdout dicts.
     trainer.remove_callback(PrinterCallback)
-    trainer.train()
+    if resume is None:
+        trainer.train()
+        return trainer
+    # The Trainer's resume path reads trainer_state.json from a folder; everything else comes
+    # from the snapshot through the overridden loaders above.
+    checkpoint = Path(output_dir) / "resume"
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    (checkpoint / "trainer_state.json").write_text(resume.trainer_state_json, encoding="utf-8")
+    trainer.train(resume_from_checkpoint=str(checkpoint))
     return trainer
