@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import write_recipe
 
 STEPS = [7, 6]  # two stages; snapshots every 3 steps -> mid-stage resume points at stage steps 3 and 6
@@ -59,6 +58,7 @@ def _crash_at(monkeypatch, call_number):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_tokenizer):
     from conftest import save_tiny_model
+
     from scaler_wizard.pipeline import run
 
     tmp = tmp_path_factory.mktemp("resume-ref")

@@ -128,8 +128,9 @@ def run(
     finally:
         if server is not None:
             server.stop()
-    console.print(_summary_table(result.summary))
-    console.print(f"run directory: {result.run_dir}")
+    if result.main_process:
+        console.print(_summary_table(result.summary))
+        console.print(f"run directory: {result.run_dir}")
 
 
 @app.command()

@@ -17,10 +17,11 @@ import os
 import platform
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import __version__
 from .context.methods import apply_to_model, base_context_length, get_context_method
@@ -57,26 +58,32 @@ class StageOutcome:
 class RunResult:
     run_dir: Path
     summary: dict[str, Any]
+    main_process: bool = True  # False on the other processes of `accelerate launch` (nothing to report)
 
 
 class RunStatus(dict):
     """status.json of a run: every update is written at once, atomically (the cockpit, `run
     --resume` and operators read it while the run goes on)."""
 
-    def __init__(self, path: Path, initial: dict[str, Any]):
+    def __init__(self, path: Path, initial: dict[str, Any], *, enabled: bool = True):
         super().__init__(initial)
         self.path = path
-        write_json_atomic(self.path, dict(self))
+        self.enabled = enabled  # False on the non-main processes of a multi-process run
+        self._write()
 
     def update(self, *args: Any, **fields: Any) -> None:  # type: ignore[override]
         super().update(*args, **fields, updated_at=utc_now())
-        write_json_atomic(self.path, dict(self))
+        self._write()
+
+    def _write(self) -> None:
+        if self.enabled:
+            write_json_atomic(self.path, dict(self))
 
 
 class Reporter:
     """Where the pipeline says what it is doing; the CLI passes a rich-backed one."""
 
-    def phase(self, text: str) -> None:  # noqa: D401 - a tiny interface
+    def phase(self, text: str) -> None:
         pass
 
     def start_training(self, stage: Stage, total_steps: int) -> None:
@@ -285,9 +292,12 @@ def run(
     import torch
     from transformers import AutoConfig, set_seed
 
+    from .distributed import Dist
     from .safety.gatekeeper import authorize_run, close_run, planned_run_id
 
-    reporter = reporter or Reporter()
+    # Under `accelerate launch` every process runs this function; only the main one writes.
+    dist = Dist.from_env()
+    reporter = (reporter or Reporter()) if dist.is_main else Reporter()
     t_start = time.time()
 
     # 1. Inputs: recipe, model folder, method, schedule, data -- all checked before the run
@@ -348,31 +358,39 @@ def run(
         initial["resumes"] = [*initial.get("resumes", []), {"at": utc_now(), "snapshot": resume_point.snapshot.ref,
                                                             "step": resume_point.snapshot.step}]
     else:
-        run_dir = new_run_dir(resolve_path(recipe.run.output_dir), planned_run_id(recipe, contract), recipe.run.name)
+        created = dist.agree(lambda: new_run_dir(resolve_path(recipe.run.output_dir),
+                                                 planned_run_id(recipe, contract), recipe.run.name),
+                             "creating the run folder")
+        run_dir = Path(dist.broadcast_text(str(created) if created else ""))
         initial = {"state": "awaiting_approval", "started_at": utc_now(), "stage": 0, "stages": len(stages)}
-    status = RunStatus(run_dir / "status.json", initial)
-    try:
-        grant = authorize_run(recipe, recipe_dir, run_id=run_dir.name, run_dir=run_dir, contract_path=contract,
-                              self_approve=self_approve, interactive=interactive, approvers_path=approvers,
-                              resuming=resume_point is not None)
-    except BaseException as exc:
-        status.update(state="rejected" if resume_point is None else "failed", finished_at=utc_now(), error=str(exc))
-        raise
+    status = RunStatus(run_dir / "status.json", initial, enabled=dist.is_main)
+
+    def approve():
+        try:
+            return authorize_run(recipe, recipe_dir, run_id=run_dir.name, run_dir=run_dir, contract_path=contract,
+                                 self_approve=self_approve, interactive=interactive, approvers_path=approvers,
+                                 resuming=resume_point is not None)
+        except BaseException as exc:
+            status.update(state="rejected" if resume_point is None else "failed", finished_at=utc_now(),
+                          error=str(exc))
+            raise
+
+    grant = dist.agree(approve, "the approval")  # None on the other processes: the main one holds it
     # the pid lets `run --resume` refuse a run that is still alive
-    status.update(state="running", pid=os.getpid())
+    status.update(state="running", pid=os.getpid(), processes=dist.world_size)
 
     if recipe.training.threads:
         torch.set_num_threads(recipe.training.threads)
     set_seed(recipe.run.seed)
-    if resume_point is None:
+    if resume_point is None and dist.is_main:
         _write_run_record(run_dir, recipe, recipe_dir, model_dir, base_length, stages, grant)
-    writer = MetricWriter(run_dir / "metrics.jsonl")
+    writer = MetricWriter(run_dir / "metrics.jsonl", is_main_process=dist.is_main)
     if resume_point is not None:
         # events after the snapshot step were written before the interruption; readers take
         # the latest value of a metric at a step, so the replayed steps supersede them
         writer.log(resume_point.snapshot.step, "run/resumed", 1.0, snapshot=resume_point.snapshot.ref)
     remote = None
-    if recipe.telemetry.remote.url:  # opt-in community aggregation; names leave only as salted hashes
+    if recipe.telemetry.remote.url and dist.is_main:  # opt-in aggregation; names leave only as salted hashes
         from .telemetry.remote import RemoteSink
 
         remote = RemoteSink(recipe.telemetry.remote, run_id=run_dir.name, model_name=recipe.model.path,
@@ -386,9 +404,11 @@ def run(
         heldout_stream = token_stream(tokenizer, eval_texts)
         summary = _train_and_evaluate(
             recipe, run_dir, model, tokenizer, stages, base_length, original_config,
-            train_stream, heldout_stream, writer, reporter, grant, status, custom_probes,
+            train_stream, heldout_stream, writer, reporter, grant, status, dist, custom_probes,
             resume_point=resume_point,
         )
+        if not dist.is_main:
+            return RunResult(run_dir, summary, main_process=False)
         summary["approved_by"] = list(grant.approvers)
         if status.get("resumes"):
             summary["resumes"] = status["resumes"]
@@ -409,7 +429,8 @@ def run(
         writer.close()
         if remote is not None:
             remote.close()
-        close_run(grant, "halted" if isinstance(exc, RunHalted) else "failed")
+        if grant is not None:
+            close_run(grant, "halted" if isinstance(exc, RunHalted) else "failed")
         status.update(state="failed", finished_at=utc_now(), error=f"{type(exc).__name__}: {exc}")
         raise
 
@@ -439,7 +460,7 @@ def _write_run_record(run_dir, recipe, recipe_dir, model_dir, base_length, stage
 
 
 def probe_base(model, recipe: Recipe, ctx: ProbeContext, base_length: int, stages, run_dir: Path,
-               writer: MetricWriter, resumed: bool) -> list[ProbeResult]:
+               writer: MetricWriter, resumed: bool, *, write: bool = True) -> list[ProbeResult]:
     """The base model, unscaled, at the base length and at every stage length. The results are
     kept in base_probes.json, so a resumed run reuses them instead of probing again."""
     record = run_dir / "base_probes.json"
@@ -460,12 +481,13 @@ def probe_base(model, recipe: Recipe, ctx: ProbeContext, base_length: int, stage
         r = run_probe(PerplexityProbe(recipe.evaluation.perplexity.windows), model, base_length, ctx)
         if not r.error:
             ctx.baseline[f"perplexity@{base_length}"] = r.metrics["perplexity"]
-    write_json_atomic(record, {"baseline": ctx.baseline, "results": [asdict(r) for r in base_results]})
+    if write:
+        write_json_atomic(record, {"baseline": ctx.baseline, "results": [asdict(r) for r in base_results]})
     return base_results
 
 
 def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, original_config,
-                        train_stream, heldout_stream, writer, reporter, grant, status, custom_probes=(),
+                        train_stream, heldout_stream, writer, reporter, grant, status, dist, custom_probes=(),
                         resume_point=None):
     from .resume import RunPosition
     from .safety.gatekeeper import check_scope
@@ -474,7 +496,8 @@ def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, 
 
     # 3. The base model, unscaled, at the base length and at every stage length.
     reporter.phase("probing the base model")
-    base_results = probe_base(model, recipe, ctx, base_length, stages, run_dir, writer, resume_point is not None)
+    base_results = probe_base(model, recipe, ctx, base_length, stages, run_dir, writer, resume_point is not None,
+                              write=dist.is_main)
     base_ppl = ctx.baseline.get(f"perplexity@{base_length}")
 
     # 4. Capacity (PEFT LoRA adapters, or new blocks), the teacher, and the run's guards.
@@ -485,10 +508,11 @@ def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, 
     writer.log(0, "model/total_params", total)
     teacher, distill_config = prepare_distillation(recipe, model, tokenizer, original_config, base_length)
 
-    guards = RunGuards(recipe, run_dir, writer, baseline=ctx.baseline)
+    guards = RunGuards(recipe, run_dir, writer, baseline=ctx.baseline, dist=dist)
     lr = recipe.training.learning_rate
 
     # 5. Stages: scale positions, train, probe, gate.
+    from .training.safety_callback import SafetyCallback
     from .training.stage_trainer import (
         ResumeFrom,
         SnapshotCallback,
@@ -496,7 +520,6 @@ def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, 
         train_stage,
         trainer_state_json,
     )
-    from .training.safety_callback import SafetyCallback
 
     passkey_builder = PasskeyBuilder(tokenizer, tokenizer.bos_token_id) if recipe.data.synthetic_passkey_share else None
     outcomes: list[StageOutcome] = []
@@ -513,7 +536,9 @@ def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, 
     def position(**where: Any) -> RunPosition:
         return RunPosition(outcomes=[asdict(o) for o in outcomes], learning_rate=lr, **where)
 
-    rows_per_stage_step = recipe.training.micro_batch_size * recipe.training.gradient_accumulation_steps
+    # rows per optimizer step over all processes: one stage is exactly one pass over its rows
+    rows_per_stage_step = (recipe.training.micro_batch_size * recipe.training.gradient_accumulation_steps
+                           * dist.world_size)
     for stage in stages:
         if pos is not None and (stage.index < pos.stage or (stage.index == pos.stage and pos.complete)):
             continue  # finished before the interruption
@@ -564,18 +589,21 @@ def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, 
                                   _start=global_step, _done=steps_trained, _telemetry=telemetry,
                                   _carried=carried_losses, _stage_start=stage_start):
                 losses = _carried + _telemetry.losses
-                guards.snapshot(mdl, _start + state.global_step, _stage, pinned=False, optimizer=optimizer,
+                guards.commit(mdl, _start + state.global_step, _stage, pinned=False, optimizer=optimizer,
                                 scheduler=scheduler, position=position(
                                     stage=_stage, complete=False, attempt=_attempt, stage_step=state.global_step,
                                     attempt_start_step=_start, global_step=_start + state.global_step,
                                     steps_trained=_done, stage_start_snapshot=_stage_start.snapshot_id,
                                     trainer_state=trainer_state_json(state),
-                                    first_losses=first_losses or losses[:2], last_losses=losses[-2:]))
+                                    # first_losses: the run's, as it is when the snapshot is taken
+                                    first_losses=first_losses or losses[:2],  # noqa: B023
+                                    last_losses=losses[-2:]))
 
             snapshots = SnapshotCallback(recipe.training.snapshot_every, save_resume_point)
             # the approval covers this stage's length, steps and data, or the run stops here
-            check_scope(grant, stage_length=stage.length, steps_so_far=global_step, stage_steps=stage.steps,
-                        recipe=recipe, stage_index=stage.index)
+            dist.agree(lambda _st=stage, _g=global_step: check_scope(
+                grant, stage_length=_st.length, steps_so_far=_g, stage_steps=_st.steps, recipe=recipe,
+                stage_index=_st.index), "the approval scope check")
             reporter.start_training(stage, stage.steps)
             trainer = train_stage(model, rows, recipe, stage.steps, run_dir / ".trainer",
                                   recipe.run.seed + stage.index + 100 * attempts, [telemetry, safety, snapshots],
@@ -635,9 +663,12 @@ def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, 
                                           first_losses=first_losses, last_losses=last_losses))
         if recipe.context.manual_gates and stage.index < len(stages):
             approvals = [c for c in safety.approvals if c.args.get("stage") in (None, stage.index + 1)]
-            wait_for_approval(guards, status, writer, stage, global_step, already=bool(approvals),
-                              timeout_s=recipe.context.manual_gate_timeout_s)
+            dist.agree(lambda _st=stage, _g=global_step, _a=bool(approvals): wait_for_approval(
+                guards, status, writer, _st, _g, already=_a,
+                timeout_s=recipe.context.manual_gate_timeout_s), "the manual gate")
     guards.close()
+    if not dist.is_main:
+        return {"total_steps": global_step}  # the main process evaluates, saves and reports
 
     # 6. Final figures at every length, the adapter and the merged model.
     reporter.phase("final evaluation")
@@ -708,27 +739,39 @@ class RunGuards:
     """What watches a run: the safety envelope and its telegrams, the operator's control inbox,
     the alert throttle, and the checkpoint cache holding the stage snapshots."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, writer: MetricWriter, baseline: dict[str, float]):
+    def __init__(self, recipe: Recipe, run_dir: Path, writer: MetricWriter, baseline: dict[str, float],
+                 dist=None):
         from .alerts.throttle import CognitiveLoadThrottle
         from .cache.checkpoints import CheckpointCache, default_cache_root
+        from .distributed import Dist
         from .safety.envelope import SafetyEnvelope
         from .safety.telegrams import ControlInbox, TelegramWriter
         from .telemetry.reader import JsonlTail
 
         self.run_dir = run_dir
         self.writer = writer
+        self.dist = dist or Dist()
         self.envelope = SafetyEnvelope(recipe.safety, baseline={f"eval/{k}": v for k, v in baseline.items()},
                                        run_id=run_dir.name)
-        self.telegrams = TelegramWriter(run_dir)
+        self.telegrams = TelegramWriter(run_dir, is_main_process=self.dist.is_main)
         self.inbox = ControlInbox(run_dir / "control.jsonl")
-        self.throttle = CognitiveLoadThrottle(recipe.alerts, log_path=run_dir / "alerts.jsonl")
+        self.throttle = CognitiveLoadThrottle(recipe.alerts,
+                                              log_path=run_dir / "alerts.jsonl" if self.dist.is_main else None)
         self.cache = CheckpointCache(default_cache_root(run_dir.parent))  # beside the run folders
         self._telegram_tail = JsonlTail(run_dir / "telegrams.jsonl", from_start=True)
 
-    def snapshot(self, model, step: int, stage: int, *, pinned: bool, metrics: dict | None = None,
-                 position=None, optimizer=None, scheduler=None):
-        """Commit a snapshot: stage boundaries are pinned (rollback targets); mid-stage ones
-        carry the optimizer, scheduler and RNG state too, for exact resume."""
+    def snapshot(self, model, step: int, stage: int, *, pinned: bool, metrics: dict | None = None, position=None):
+        """A stage-boundary snapshot (a rollback target), committed by the main process; every
+        process gets its SnapshotInfo once the commit is complete."""
+        info = self.dist.agree(lambda: self.commit(model, step, stage, pinned=pinned, metrics=metrics,
+                                                   position=position), "a snapshot commit")
+        snapshot_id = self.dist.broadcast_text(info.snapshot_id if info is not None else "")
+        return info if info is not None else self.cache.get(self.run_dir.name, snapshot_id)
+
+    def commit(self, model, step: int, stage: int, *, pinned: bool, metrics: dict | None = None,
+               position=None, optimizer=None, scheduler=None):
+        """Commit a snapshot from this process (the main one). Mid-stage resume points carry
+        the optimizer, scheduler and RNG state too, for exact resume."""
         from .cache.checkpoints import PHASE_STAGE_END, PHASE_TRAIN
         from .cache.state import save_snapshot
 
@@ -765,6 +808,8 @@ class RunGuards:
 
     def relay_telegrams(self) -> None:
         """Every warn/stop telegram becomes an alert request; the throttle decides the channels."""
+        if not self.dist.is_main:
+            return
         severity = {"warn": "warning", "stop": "critical"}
         for t in self._telegram_tail.poll():
             if t.get("action") in severity:
@@ -905,4 +950,4 @@ def _yaml_dump(data: Any) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
-__all__ = ["run", "RunResult", "Reporter", "check_model_dir", "ScalerWizardError"]
+__all__ = ["Reporter", "RunResult", "ScalerWizardError", "check_model_dir", "run"]

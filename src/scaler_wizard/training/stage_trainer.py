@@ -18,10 +18,10 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -60,15 +60,7 @@ class ScalingTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         task = inputs.get("task")
-        decoder, head = causal_lm_parts(model)
-        # Packed rows (packing.py) carry per-document position_ids and no attention_mask:
-        # transformers then keeps attention inside each document (use_cache=False is required).
-        hidden = decoder(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs.get("attention_mask"),
-            position_ids=inputs.get("position_ids"),
-            use_cache=False,
-        ).last_hidden_state
+        hidden, head = self._hidden_states(model, inputs)
         if self.teacher is not None:
             from ..distill.losses import distillation_loss
 
@@ -85,6 +77,28 @@ class ScalingTrainer(Trainer):
             )
             loss = task_balanced_mean(token_loss, labels[:, 1:], task)
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _hidden_states(self, model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.nn.Module]:
+        """The decoder's final (normalised) hidden states and the output projection.
+
+        Packed rows (packing.py) carry per-document position_ids and no attention_mask:
+        transformers then keeps attention inside each document (use_cache=False is required).
+        """
+        decoder, head = causal_lm_parts(self.model)
+        kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask"),
+                  "position_ids": inputs.get("position_ids"), "use_cache": False}
+        if model is self.model:
+            return decoder(**kwargs).last_hidden_state, head
+        # Wrapped for several processes (DDP / FSDP): the forward must go through the wrapper
+        # (DDP prepares its gradient all-reduce there, FSDP gathers its shards), so run the whole
+        # model with logits for one position only and catch the decoder's output on the way.
+        captured: list[torch.Tensor] = []
+        handle = decoder.register_forward_hook(lambda _m, _i, out: captured.append(out.last_hidden_state))
+        try:
+            model(**kwargs, logits_to_keep=1)
+        finally:
+            handle.remove()
+        return captured[-1], head
 
     def _accumulate(self, name: str, value: float) -> None:
         total, count = self.side_metrics.get(name, (0.0, 0))
@@ -240,6 +254,8 @@ def training_arguments(recipe: Recipe, steps: int, output_dir: Path, seed: int) 
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        # every trainable parameter (adapters, new blocks) takes part in each step: no DDP search
+        ddp_find_unused_parameters=False,
         bf16=dtype == "bfloat16" and torch.cuda.is_available(),
         fp16=dtype == "float16" and torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),
