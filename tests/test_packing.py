@@ -9,6 +9,8 @@ import torch
 from scaler_wizard.errors import DataError
 from scaler_wizard.packing import (
     IGNORE_INDEX,
+    PADDING_TASK,
+    FirstFitRows,
     MaskMode,
     block_causal_mask,
     length_grouped_batches,
@@ -188,3 +190,74 @@ def test_bad_inputs_name_the_problem():
         padding_waste([3], 0, 1)
     with pytest.raises(DataError, match="more than"):
         plan_bins([9], 8)
+
+
+def _first_fit_by_scan(lengths, n_rows, row_length):
+    """Reference: the plain O(rows) scan, stopping at the first document that fits nowhere."""
+    free, rows = [row_length] * n_rows, [[] for _ in range(n_rows)]
+    for j, n in enumerate(lengths):
+        r = next((r for r in range(n_rows) if free[r] >= n), None)
+        if r is None:
+            break
+        free[r] -= n
+        rows[r].append(j)
+    return rows
+
+
+@pytest.mark.parametrize("n_rows", [1, 3, 5, 8, 13])
+def test_first_fit_rows_matches_a_plain_scan(n_rows):
+    import random
+
+    rng = random.Random(n_rows)
+    lengths = [rng.randint(1, 50) for _ in range(200)]
+    filler = FirstFitRows(n_rows, 50)
+    for n in lengths:
+        if filler.place(n) is None:
+            break
+    assert filler.plan == _first_fit_by_scan(lengths, n_rows, 50)
+    assert all(filler.plan)  # an empty row fits anything: no row is empty at the first miss
+    for r, members in enumerate(filler.plan):
+        assert filler.free(r) == 50 - sum(lengths[j] for j in members)
+    assert filler.documents == sum(len(m) for m in filler.plan)
+
+
+def test_first_fit_rows_edges():
+    filler = FirstFitRows(2, 10)
+    assert [filler.place(n) for n in (6, 6, 4, 4, 1)] == [0, 1, 0, 1, None]
+    assert filler.plan == [[0, 2], [1, 3]]
+    assert FirstFitRows(0, 10).place(1) is None
+    with pytest.raises(DataError, match="empty"):
+        FirstFitRows(1, 10).place(0)
+    with pytest.raises(DataError, match="row_length"):
+        FirstFitRows(1, 0)
+
+
+def test_pack_documents_with_a_plan_and_tasks_per_document():
+    docs = [[1] * 3, [2] * 3, [3] * 8, [4] * 2]
+    rows = pack_documents(docs, 8, pad_id=0, plan=[[2], [1, 3, 0]], doc_tasks=[0, 1, 0, 1])
+    assert rows.input_ids == [[3] * 8, [2, 2, 2, 4, 4, 1, 1, 1]]  # the plan's rows, in its order
+    assert rows.token_task == [[0] * 8, [1, 1, 1, 1, 1, 0, 0, 0]]
+    assert rows.position_ids[1] == [0, 1, 2, 0, 1, 0, 1, 2]
+    rows = pack_documents([[5] * 3, [6] * 2], 8, pad_id=9, plan=[[0, 1]], doc_tasks=[1, 0])
+    assert rows.input_ids == [[5, 5, 5, 6, 6, 9, 9, 9]]
+    assert rows.token_task == [[1, 1, 1, 0, 0] + [PADDING_TASK] * 3]
+    assert rows.labels == [[IGNORE_INDEX, 5, 5, IGNORE_INDEX, 6] + [IGNORE_INDEX] * 3]
+    item = rows[0]
+    assert item["task"].tolist() == rows.token_task[0] and "attention_mask" not in item
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"plan": [[0, 1], [1]]}, "appears 2 times"),
+    ({"plan": [[0]]}, "appears 0 times"),
+    ({"plan": [[0], [1], []]}, "empty"),
+    ({"plan": [[0], [7]]}, "names document 7"),
+    ({"plan": [[0, 1]], "row_length": 6}, "more than a 6-token row"),
+    ({"task": 1, "doc_tasks": [0, 1]}, "both"),
+    ({"doc_tasks": [0]}, "2 documents but 1 task ids"),
+])
+def test_bad_plans_and_tasks_name_the_problem(kwargs, match):
+    row_length = kwargs.pop("row_length", 8)
+    with pytest.raises(DataError, match=match):
+        pack_documents([[1] * 4, [2] * 3], row_length, pad_id=0, **kwargs)
+    with pytest.raises(DataError, match="cannot split"):
+        pack_documents([[1] * 9], 8, pad_id=0, plan=[[0]])

@@ -572,10 +572,12 @@ def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, 
                 passkey_builder=passkey_builder,
                 pad_id=tokenizer.pad_token_id,
                 seed=recipe.run.seed + 1000 * stage.index + attempts,
+                pack=recipe.data.packing,
             )
             rows = mix_in_replay(recipe, rows, train_stream, base_length, tokenizer.pad_token_id,
                                  seed=recipe.run.seed + 7 * stage.index + attempts, teacher=teacher)
             tokens_per_step = stage.length * rows_per_stage_step
+            writer.log(global_step, "data/padding_fraction", rows.padding_fraction, stage=stage.index)
             side: dict = {}
             telemetry = StageTelemetryCallback(
                 lambda step, name, value, _s=stage.index: writer.log(step, name, value, stage=_s),

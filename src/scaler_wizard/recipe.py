@@ -59,6 +59,8 @@ class DataSection(_Strict):
     synthetic_passkey_share: float = Field(
         0.0, ge=0, le=1, description="fraction of training rows that are passkey retrieval examples"
     )
+    packing: bool = Field(False, description="pack the variable-length passkey examples several to a row "
+                          "(position ids restart per example, no attention across them) instead of padding")
 
     @field_validator("train", "eval", mode="before")
     @classmethod

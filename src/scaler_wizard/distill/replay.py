@@ -8,9 +8,12 @@ the same rows (any teacher mode) is the other half. In ``offline`` mode the repl
 offline cache's own rows, and ``replay_index`` tells the teacher which cached row each one is.
 
 Replay rows *replace* stage rows (the number of rows, hence the step and token budget, stays the
-same). A short row is right-padded to the stage length (``attention_mask`` 0, labels -100): it
-keeps positions ``0 .. base_length-1``, exactly the positions it had originally. The padding costs
-compute in proportion to ``ratio * (1 - base_length / stage_length)``.
+same). A short row is right-padded to the stage length (labels -100): it keeps positions
+``0 .. base_length-1``, exactly the positions it had originally. In padded stage rows the padding
+has ``attention_mask`` 0; in packed stage rows (``StageRows.packed``) the row gets position ids
+``0 .. n-1`` and the padding is a segment of its own (position ids from 0 again, task
+``TASK_PADDING``), with no ``attention_mask``, like every packed row. The padding costs compute in
+proportion to ``ratio * (1 - base_length / stage_length)``.
 
 Pure Python: no torch import at module level (``StageRows.__getitem__`` imports it lazily).
 """
@@ -19,10 +22,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..data import TASK_LM, StageRows
+from ..data import TASK_LM, TASK_PADDING, StageRows
 from ..errors import DataError, RecipeError
 
 NOT_REPLAY = -1
@@ -33,7 +36,7 @@ class MixedRows(StageRows):
     """Stage rows plus ``replay_index``: the index of each row in the replay source, -1 for a
     stage row. Items carry it as ``"replay_index"`` (the key the offline teacher reads)."""
 
-    replay_index: list[int]
+    replay_index: list[int] = field(default_factory=list)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         import torch
@@ -88,7 +91,8 @@ def mix_replay(
 ) -> MixedRows:
     """``rows`` with ``round(len(rows) * ratio)`` of them replaced by replay rows, placed at
     seeded random positions; the kept stage rows keep their order. Replay rows are supervised on
-    every real token and padded to the stage length."""
+    every real token and padded to the stage length, in the layout of ``rows`` (padded or
+    packed)."""
     n = len(rows)
     n_replay = replay_count(n, ratio)
     if n_replay and not replay_rows:
@@ -105,7 +109,8 @@ def mix_replay(
     positions = set(rng.sample(range(n), n_replay))
     sources = _choose_sources(len(replay_rows), n_replay, rng) if n_replay else []
 
-    out = MixedRows([], [], [], [], [])
+    packed = rows.packed
+    out = MixedRows([], [], None if packed else [], [], position_ids=[] if packed else None)
     kept = iter(range(n))
     picked = iter(sources)
     for slot in range(n):
@@ -115,14 +120,21 @@ def mix_replay(
             pad = length - len(ids)
             out.input_ids.append(ids + [pad_id] * pad)
             out.labels.append(ids + [-100] * pad)
-            out.attention_mask.append([1] * len(ids) + [0] * pad)
-            out.task.append(task)
+            if packed:
+                out.position_ids.append(list(range(len(ids))) + list(range(pad)))
+                out.task.append([task] * len(ids) + [TASK_PADDING] * pad)
+            else:
+                out.attention_mask.append([1] * len(ids) + [0] * pad)
+                out.task.append(task)
             out.replay_index.append(src)
         else:
             i = next(kept)
             out.input_ids.append(rows.input_ids[i])
             out.labels.append(rows.labels[i])
-            out.attention_mask.append(rows.attention_mask[i])
+            if packed:
+                out.position_ids.append(rows.position_ids[i])
+            else:
+                out.attention_mask.append(rows.attention_mask[i])
             out.task.append(rows.task[i])
             out.replay_index.append(NOT_REPLAY)
     return out

@@ -70,12 +70,26 @@ def vocab_size(model: Any) -> int:
     return int(output_head(model).weight.shape[0])
 
 
-def next_token_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor, covered: int) -> torch.Tensor:
-    """bool ``[b, covered]``: position p counts when the token p+1 exists and is real."""
+def next_token_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor, covered: int,
+                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """bool ``[b, covered]``: position p counts when the token p+1 exists and is real and, in packed
+    rows (``position_ids`` restarting at 0 per example), belongs to the same example as p."""
     b, t = input_ids.shape
     attn = torch.ones(b, t, dtype=torch.bool, device=input_ids.device) if attention_mask is None else attention_mask.bool()
     nxt = torch.cat([attn[:, 1:], attn.new_zeros(b, 1)], dim=1)  # no token after the last position
+    if position_ids is not None:
+        nxt = nxt & torch.cat([position_ids[:, 1:] != 0, attn.new_zeros(b, 1)], dim=1)
     return (attn & nxt)[:, :covered]
+
+
+def real_token_mask(inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Which tokens are real: the ``attention_mask`` of padded rows; for packed rows (no
+    ``attention_mask``; the decoder must not get one) the tokens whose per-token task is not the
+    padding task (-1)."""
+    attn, task = inputs.get("attention_mask"), inputs.get("task")
+    if attn is None and task is not None and task.dim() == 2:
+        return task >= 0
+    return attn
 
 
 def _peft_model(model: Any) -> Any:
@@ -211,20 +225,23 @@ class BaseModelTeacher:
                 stack.enter_context(hook(model))
             yield run_decoder(model), output_head(model)
 
-    def hidden_states(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    def hidden_states(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None):
         """Teacher final hidden states ``[b, tc, h]`` for the first ``tc = min(t, context_length)``
-        positions, and the teacher's head."""
+        positions, and the teacher's head. Packed rows give ``position_ids`` (and no mask)."""
         tc = min(input_ids.size(1), self.context_length)
         with self.view(model) as (decoder, head):
             mask = None if attention_mask is None else attention_mask[:, :tc]
-            hidden = decoder(input_ids=input_ids[:, :tc], attention_mask=mask, use_cache=False).last_hidden_state
+            pos = None if position_ids is None else position_ids[:, :tc]
+            hidden = decoder(input_ids=input_ids[:, :tc], attention_mask=mask, position_ids=pos,
+                             use_cache=False).last_hidden_state
         return hidden, head
 
     def __call__(self, model: Any, inputs: dict[str, torch.Tensor]) -> TeacherBatch:
-        input_ids, attn = inputs["input_ids"], inputs.get("attention_mask")
-        hidden, head = self.hidden_states(_peft_model(model), input_ids, attn)
+        input_ids, attn, pos = inputs["input_ids"], inputs.get("attention_mask"), inputs.get("position_ids")
+        hidden, head = self.hidden_states(_peft_model(model), input_ids, attn, pos)
         signal = TeacherHidden(hidden, head.weight, head.bias)
-        return TeacherBatch(signal, next_token_mask(attn, input_ids, hidden.size(1)))
+        return TeacherBatch(signal, next_token_mask(real_token_mask(inputs), input_ids, hidden.size(1), pos))
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,14 +320,16 @@ class ModelTeacher:
                    student_tokenizer=student_tokenizer, teacher_tokenizer=tokenizer)
 
     def __call__(self, model: Any, inputs: dict[str, torch.Tensor]) -> TeacherBatch:
-        input_ids, attn = inputs["input_ids"], inputs.get("attention_mask")
+        input_ids, attn, pos = inputs["input_ids"], inputs.get("attention_mask"), inputs.get("position_ids")
         tc = min(input_ids.size(1), self.context_length)
         with torch.no_grad():
             hidden = run_decoder(self.model)(
-                input_ids=input_ids[:, :tc], attention_mask=None if attn is None else attn[:, :tc], use_cache=False
+                input_ids=input_ids[:, :tc], attention_mask=None if attn is None else attn[:, :tc],
+                position_ids=None if pos is None else pos[:, :tc], use_cache=False,
             ).last_hidden_state
         head = output_head(self.model)
-        return TeacherBatch(TeacherHidden(hidden, head.weight, head.bias), next_token_mask(attn, input_ids, tc))
+        mask = next_token_mask(real_token_mask(inputs), input_ids, tc, pos)
+        return TeacherBatch(TeacherHidden(hidden, head.weight, head.bias), mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,7 +359,7 @@ class OfflineTeacher:
                 f"'{CACHE_ROW_KEY}' column.",
                 hint="Mix the cache's rows into the stage with scaler_wizard.distill.replay.mix_replay.",
             )
-        input_ids, attn = inputs["input_ids"], inputs.get("attention_mask")
+        input_ids = inputs["input_ids"]
         index = inputs[CACHE_ROW_KEY].view(-1).tolist()
         rows = [i for i, r in enumerate(index) if r >= 0]
         if not rows:
@@ -360,7 +379,7 @@ class OfflineTeacher:
         logprobs[rows] = found.topk_logprobs[:, :tc].to(device)
         covered = torch.zeros(b, dtype=torch.bool, device=device)
         covered[rows] = True
-        mask = next_token_mask(attn, input_ids, tc) & covered[:, None]
+        mask = next_token_mask(real_token_mask(inputs), input_ids, tc, inputs.get("position_ids")) & covered[:, None]
         return TeacherBatch(TeacherTopK(ids, logprobs, self.cache.temperature), mask)
 
 

@@ -76,6 +76,13 @@ class PasskeyBuilder:
     def answer_ids(self, key: int) -> list[int]:
         return self._enc(f" {key}")
 
+    def min_length(self) -> int:
+        """Tokens of the fixed text (key sentence, question, answer) for the longest key of
+        ``KEY_RANGE``, plus a little slack for keys that tokenize into more pieces: no
+        example can be shorter than this."""
+        key = KEY_RANGE[1]
+        return len(self._bos) + len(self.key_sentence_ids(key)) + len(self._question) + len(self.answer_ids(key)) + 4
+
     def build(self, length: int, depth: float, key: int) -> PasskeyExample:
         """A prompt whose total length (prompt + answer) is at most ``length`` tokens."""
         if not 0.0 <= depth <= 1.0:

@@ -50,19 +50,43 @@ def chunked_token_ce(
     return torch.cat(pieces, dim=1)
 
 
+def target_task(task: torch.Tensor | None) -> torch.Tensor | None:
+    """The task ids aligned with the shifted targets ``labels[:, 1:]``: a per-row task ``[B]`` as
+    it is, a per-token task ``[B, T]`` (packed rows) without its first position, ``[B, T-1]``.
+    Position ``t`` of the shifted loss predicts token ``t+1``, and the task of that token is the
+    one the loss is about."""
+    if task is None or task.dim() == 1:
+        return task
+    return task[:, 1:]
+
+
 def task_balanced_mean(token_loss: torch.Tensor, labels: torch.Tensor, task: torch.Tensor | None) -> torch.Tensor:
     """Mean loss per task (row kind), summed over the tasks present in the batch.
 
     With one task this is the ordinary token mean. With a mixture (language modelling rows and
     short-answer retrieval rows) each task keeps its own weight instead of the retrieval answers
     being drowned by thousands of language-modelling tokens.
+
+    ``task`` is per row ``[B]``, or per token ``[B, T]`` aligned with ``labels`` (packed rows mix
+    tasks within a row; pass :func:`target_task` of the unshifted ids when ``labels`` are the
+    shifted ``labels[:, 1:]``). Negative task ids mark padding and are never counted.
     """
-    mask = (labels != IGNORE_INDEX).to(token_loss.dtype)
+    mask = labels != IGNORE_INDEX
     if task is None:
-        return (token_loss * mask).sum() / mask.sum().clamp_min(1)
+        m = mask.to(token_loss.dtype)
+        return (token_loss * m).sum() / m.sum().clamp_min(1)
+    if task.dim() == 1 and task.size(0) == labels.size(0):
+        task = task[:, None].expand_as(labels)
+    elif task.shape != labels.shape:
+        raise ValueError(
+            f"task has shape {tuple(task.shape)}; expected one id per row {(labels.size(0),)} or one per target "
+            f"{tuple(labels.shape)}. For per-token task ids of unshifted rows with labels[:, 1:], pass "
+            "target_task(task) (= task[:, 1:])."
+        )
     total = token_loss.new_zeros(())
-    for kind in torch.unique(task):
-        sel = (task == kind).to(token_loss.dtype)[:, None] * mask
-        if sel.sum() > 0:
-            total = total + (token_loss * sel).sum() / sel.sum()
+    for kind in torch.unique(task[mask]):
+        if kind < 0:
+            continue
+        sel = (mask & (task == kind)).to(token_loss.dtype)
+        total = total + (token_loss * sel).sum() / sel.sum()
     return total

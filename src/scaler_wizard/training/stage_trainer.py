@@ -27,7 +27,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, TrainerState
 
-from ..losses.chunked_ce import chunked_token_ce, task_balanced_mean
+from ..losses.chunked_ce import chunked_token_ce, target_task, task_balanced_mean
 from ..recipe import Recipe
 
 
@@ -59,7 +59,8 @@ class ScalingTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
-        task = inputs.get("task")
+        # per-row task [B], or per-token [B, T] (packed rows) cut to the targets labels[:, 1:]
+        task = target_task(inputs.get("task"))
         hidden, head = self._hidden_states(model, inputs)
         if self.teacher is not None:
             from ..distill.losses import distillation_loss
