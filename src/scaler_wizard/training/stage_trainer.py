@@ -27,6 +27,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, TrainerState
 
+from ..errors import PlanError
 from ..losses.chunked_ce import chunked_token_ce, target_task, task_balanced_mean
 from ..recipe import Recipe
 
@@ -285,6 +286,14 @@ def train_stage(
                              loss_chunk_size=recipe.training.loss_chunk_size,
                              distill=distill, side_metrics=side_metrics,
                              resume_files=resume.files if resume else None)
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        # Snapshots read each trainable tensor whole on the main process; with sharded
+        # parameters that needs a gather on every process, which is not built yet. Refuse
+        # rather than hang in a half-entered collective.
+        raise PlanError(
+            "FSDP / DeepSpeed sharded launches are not supported yet (snapshots and resume need whole tensors).",
+            hint="Launch data-parallel instead: accelerate launch --config_file configs/accelerate/ddp.yaml ...",
+        )
     # Progress and metrics go through our callbacks (rich bar, metrics.jsonl), not stdout dicts.
     trainer.remove_callback(PrinterCallback)
     if resume is None:
