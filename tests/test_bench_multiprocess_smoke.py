@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,8 +14,8 @@ from conftest import ROOT
 def test_multiprocess_bench_quick(tmp_path):
     out = tmp_path / "mp.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "multiprocess.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1",
-                                                                            "PATH": str(ROOT / ".venv" / "bin")})
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["runs"]["two_proc"]["processes"] == 2
