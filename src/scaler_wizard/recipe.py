@@ -194,6 +194,9 @@ class DistillationSection(_Strict):
 
 class TelemetrySection(_Strict):
     remote: RemoteSinkConfig = Field(default_factory=RemoteSinkConfig)
+    mirrors: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="also report the Trainer's logs there (transformers' report_to; "
+        "the package must be installed); metrics.jsonl stays the record")
 
 
 class OutputSection(_Strict):

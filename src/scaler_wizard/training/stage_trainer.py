@@ -250,7 +250,7 @@ def training_arguments(recipe: Recipe, steps: int, output_dir: Path, seed: int) 
         # HF's default filter hides NaN losses from the logs; the safety envelope must see them.
         logging_nan_inf_filter=False,
         save_strategy="no",
-        report_to=[],
+        report_to=list(recipe.telemetry.mirrors),
         seed=seed,
         data_seed=seed,
         disable_tqdm=True,
