@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import save_tiny_model, write_recipe
+
 from scaler_wizard.pipeline import run
 
 EXPECTED = ["status.json", "envelope.json", "recipe.resolved.yaml", "metrics.jsonl", "summary.json",
@@ -73,7 +73,7 @@ def test_merged_model_matches_adapter_on_scaled_base(tmp_path, tiny_tokenizer):
 
 def test_no_approval_means_no_model_loaded_and_no_step(tmp_path, tiny_model_dir, monkeypatch):
     """Without a contract or self-approval the run is rejected before the model is loaded."""
-    import scaler_wizard.pipeline as pipeline
+    from scaler_wizard import pipeline
     from scaler_wizard.errors import ContractError
 
     loaded = []

@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import write_recipe
+
 from scaler_wizard.errors import RunHalted
 from scaler_wizard.pipeline import run
 from scaler_wizard.training import stage_trainer

@@ -1,8 +1,8 @@
 import json
 
 import pytest
-
 from conftest import ROOT, write_recipe
+
 from scaler_wizard.errors import PluginError
 from scaler_wizard.evaluation.registry import discover_probes
 from scaler_wizard.pipeline import run

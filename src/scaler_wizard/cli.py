@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -80,14 +79,14 @@ def _summary_table(summary: dict) -> Table:
 
 @app.command()
 def run(
-    recipe: Optional[Path] = typer.Argument(None, help="YAML recipe; default: the shipped demo recipe"),
-    contract: Optional[Path] = typer.Option(None, "--contract", help="signed contract approving this run"),
+    recipe: Path | None = typer.Argument(None, help="YAML recipe; default: the shipped demo recipe"),
+    contract: Path | None = typer.Option(None, "--contract", help="signed contract approving this run"),
     self_approve: bool = typer.Option(
         False, "--self-approve", help="approve the run yourself with your local key (printed and audited)"
     ),
-    approvers: Optional[Path] = typer.Option(None, "--approvers", help="trusted-approvers file"),
+    approvers: Path | None = typer.Option(None, "--approvers", help="trusted-approvers file"),
     cockpit: bool = typer.Option(False, "--cockpit", help="serve the live cockpit on 127.0.0.1 during the run"),
-    resume: Optional[str] = typer.Option(
+    resume: str | None = typer.Option(
         None, "--resume", help="continue an interrupted run (its folder or id) from its newest valid snapshot"
     ),
 ) -> None:

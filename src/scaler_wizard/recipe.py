@@ -184,7 +184,7 @@ class DistillationSection(_Strict):
     teacher_context_length: int | None = Field(None, gt=0, description="default: the base context")
 
     @model_validator(mode="after")
-    def _teacher_source(self) -> "DistillationSection":
+    def _teacher_source(self) -> DistillationSection:
         if self.enabled and self.teacher == "model" and not self.teacher_path:
             raise ValueError("distillation.teacher_path is required when teacher is 'model'")
         if self.enabled and self.teacher == "offline" and not self.cache:
@@ -220,7 +220,7 @@ class Recipe(_Strict):
     output: OutputSection = Field(default_factory=OutputSection)
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Recipe":
+    def _cross_checks(self) -> Recipe:
         ctx = self.context
         if ctx.base_length is not None and ctx.target_length <= ctx.base_length:
             raise ValueError(

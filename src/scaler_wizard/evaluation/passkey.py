@@ -23,8 +23,9 @@ across a space boundary).
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 FILLER_SENTENCES = (
     "The grass is green.",
@@ -65,7 +66,7 @@ class PasskeyBuilder:
 
     def __init__(self, tokenizer: TokenEncoder, bos_token_id: int | None):
         self._bos = [bos_token_id] if bos_token_id is not None else []
-        enc = lambda s: list(tokenizer.encode(s, add_special_tokens=False))  # noqa: E731
+        enc = lambda s: list(tokenizer.encode(s, add_special_tokens=False))
         self._enc = enc
         self._filler = [enc(" " + s) for s in FILLER_SENTENCES]
         self._question = enc(" " + QUESTION)

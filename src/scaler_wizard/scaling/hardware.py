@@ -116,7 +116,7 @@ def _tri(v: bool | None) -> str:
     return "unknown" if v is None else ("yes" if v else "no")
 
 
-def _gb(n: float | int | None) -> float | None:
+def _gb(n: float | None) -> float | None:
     return None if n is None else round(n / GiB, 2)
 
 

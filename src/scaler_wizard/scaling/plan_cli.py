@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -38,16 +37,16 @@ def hardware(
 def plan(
     model: str = typer.Option(..., "--model", "-m", help="model folder with config.json, or builtin:demo"),
     use_case: str = typer.Option("long_context", "--use-case", "-u", help=f"one of {', '.join(USE_CASES)}"),
-    target_context: Optional[int] = typer.Option(None, "--target-context", "-c", help="tokens; default per use case"),
-    capacity: Optional[float] = typer.Option(
+    target_context: int | None = typer.Option(None, "--target-context", "-c", help="tokens; default per use case"),
+    capacity: float | None = typer.Option(
         None, "--capacity", help="trainable parameters as a fraction of the base (0 < c <= 1); default per use case"
     ),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the recipe here"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="write the recipe here"),
     explain: bool = typer.Option(False, "--explain", help="show the reason for every value"),
-    hardware_file: Optional[Path] = typer.Option(
+    hardware_file: Path | None = typer.Option(
         None, "--hardware", help="plan for this hardware profile (YAML/JSON) instead of this machine"
     ),
-    dataset_tokens: Optional[int] = typer.Option(None, "--dataset-tokens", help="size of your data in tokens"),
+    dataset_tokens: int | None = typer.Option(None, "--dataset-tokens", help="size of your data in tokens"),
 ) -> None:
     """Recommend a recipe for a use case, this (or a given) machine and a model."""
     profile: HardwareProfile = load_hardware_profile(hardware_file) if hardware_file else detect_hardware(

@@ -18,8 +18,9 @@ budget; when the budget is unknown the plan says so instead of assuming one.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Literal
 
 from ..errors import PlanError
 from .hardware import HardwareProfile
