@@ -94,6 +94,14 @@ def test_resumed_run_matches_uninterrupted_losses(tmp_path, monkeypatch, referen
     assert resumed_at == {5: 3, 12: 10}[crash_call]
     audit = [json.loads(line)["event"] for line in (run_dir / "contract" / "audit.jsonl").read_text().splitlines()]
     assert "resume_requested" in audit and audit.count("token_issued") == 2
+    # the envelope's loss window went on from the snapshot instead of restarting empty
+    from scaler_wizard.cache.checkpoints import CheckpointCache
+    from scaler_wizard.resume import _read_position
+
+    cache = CheckpointCache(run_dir.parent / ".checkpoints")
+    snap = cache.get("crashy", status["resumes"][0]["snapshot"].split("/")[1])
+    saved = _read_position(cache.open_files(snap)["data/position.json"])["envelope"]
+    assert [s for s, _ in saved["loss"]["window"]] == list(range(1, resumed_at + 1))[-len(saved["loss"]["window"]):]
 
 
 def test_resume_refuses_completed_and_unknown_runs(tmp_path, reference):

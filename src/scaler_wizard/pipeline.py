@@ -532,9 +532,12 @@ def _train_and_evaluate(recipe, run_dir, model, tokenizer, stages, base_length, 
         outcomes = [StageOutcome(**o) for o in pos.outcomes]
         global_step, lr = pos.global_step, pos.learning_rate
         first_losses, last_losses = list(pos.first_losses), list(pos.last_losses)
+        if pos.envelope:  # the spike rules' windows and the rollbacks used continue, not restart
+            guards.envelope.load_state_dict(pos.envelope)
 
     def position(**where: Any) -> RunPosition:
-        return RunPosition(outcomes=[asdict(o) for o in outcomes], learning_rate=lr, **where)
+        return RunPosition(outcomes=[asdict(o) for o in outcomes], learning_rate=lr,
+                           envelope=guards.envelope.state_dict(), **where)
 
     # rows per optimizer step over all processes: one stage is exactly one pass over its rows
     rows_per_stage_step = (recipe.training.micro_batch_size * recipe.training.gradient_accumulation_steps

@@ -41,6 +41,7 @@ class RunPosition:
     learning_rate: float = 0.0
     stage_start_snapshot: str | None = None
     trainer_state: str | None = None
+    envelope: dict[str, Any] | None = None  # SafetyEnvelope.state_dict(): rolling windows, rollbacks used
     outcomes: list[dict[str, Any]] = field(default_factory=list)
     first_losses: list[float] = field(default_factory=list)
     last_losses: list[float] = field(default_factory=list)
