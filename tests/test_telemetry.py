@@ -374,3 +374,22 @@ def test_remote_config_is_off_by_default_and_checks_the_url():
         RemoteSink(RemoteSinkConfig())
     with pytest.raises(ValidationError, match="http"):
         RemoteSinkConfig(url="file:///etc/passwd")
+
+
+def test_writer_reopened_after_a_torn_write_keeps_the_file_parseable(tmp_path):
+    from scaler_wizard.telemetry.reader import read_metrics
+    from scaler_wizard.telemetry.sink import MetricWriter
+
+    path = tmp_path / "metrics.jsonl"
+    with MetricWriter(path) as w:
+        w.log(1, "train/loss", 2.0)
+        w.log(2, "train/loss", 1.9)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-7])  # killed in the middle of the second record
+    with MetricWriter(path) as w:
+        assert w.torn_tail_bytes == len(whole.splitlines(keepends=True)[1]) - 7
+        w.log(2, "train/loss", 1.9)
+    result = read_metrics(path)
+    assert result.ok and result.torn_tail_bytes == 0
+    assert [(e["step"], e["metric"]) for e in result.records] == [
+        (1, "train/loss"), (0, "telemetry/torn_tail_bytes_dropped"), (2, "train/loss")]

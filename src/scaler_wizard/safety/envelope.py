@@ -67,7 +67,10 @@ class SpikeRuleConfig(_Strict):
 
     enabled: bool = True
     window: int = Field(128, ge=4, description="rolling window in observations (OLMo-core: 128 steps)")
-    min_history: int = Field(16, ge=2, description="observations needed before the z-score rule applies")
+    # 8, not 16: the envelope restarts its history at each stage, and a stage logs only 10-12
+    # times in the demo recipe; with 16 the z-score rule never woke up there (bench/faults.py,
+    # loss_spikes: 0 of 84 early x3 spikes found with 16, all loss false positives 0 with 8).
+    min_history: int = Field(8, ge=2, description="observations needed before the z-score rule applies")
     z_threshold: float = Field(6.0, gt=0, description="robust z-score limit (OLMo-core: 6 sigma)")
     min_relative_excess: float = Field(
         0.05, ge=0, description="a spike must also exceed the median by this fraction (guards a near-zero MAD)"
@@ -87,6 +90,7 @@ class SpikeRuleConfig(_Strict):
 # repeated spikes only warn; the loss rules (and non-finite grad norms) carry the stops. Set
 # ``grad_norm.repeat_to_stop`` to make repeated grad-norm spikes stop.
 class GradNormSpikeRuleConfig(SpikeRuleConfig):
+    min_history: int = Field(16, ge=2, description="the grad norm settles later than the loss: longer warm-up")
     min_relative_excess: float = Field(1.0, ge=0, description="a grad-norm spike is at least 2x the median")
     repeat_to_stop: int | None = Field(None, ge=1, description="None: repeated grad-norm spikes only warn")
 

@@ -89,7 +89,12 @@ class MetricWriter:
         self._listeners: list[EventListener] = list(listeners)
         self._pending = 0
         self._lock = threading.Lock()
+        self.torn_tail_bytes = _drop_torn_tail(self.path) if self.enabled else 0
         self._fh = open(self.path, "a", encoding="utf-8") if self.enabled else None
+        if self.torn_tail_bytes:
+            # a process killed mid-write left half a record; appending after it would glue the
+            # next record onto the fragment and leave a corrupt line in the middle of the file
+            self.log(0, "telemetry/torn_tail_bytes_dropped", float(self.torn_tail_bytes))
 
     def add_listener(self, listener: EventListener) -> None:
         self._listeners.append(listener)
@@ -152,6 +157,37 @@ class MetricWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _drop_torn_tail(path: Path) -> int:
+    """Cut an existing JSONL file back to its last complete line; returns the bytes removed."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return 0
+    if size == 0:
+        return 0
+    with open(path, "rb+") as fh:
+        fh.seek(max(0, size - 1))
+        if fh.read(1) == b"\n":
+            return 0
+        # scan back for the last newline (records are short: read in 64 KiB blocks)
+        end = size
+        while end > 0:
+            start = max(0, end - 65536)
+            fh.seek(start)
+            block = fh.read(end - start)
+            i = block.rfind(b"\n")
+            if i >= 0:
+                keep = start + i + 1
+                break
+            end = start
+        else:
+            keep = 0
+        fh.truncate(keep)
+        fh.flush()
+        os.fsync(fh.fileno())
+        return size - keep
 
 
 def _fsync_dir(directory: Path) -> None:

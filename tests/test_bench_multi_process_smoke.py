@@ -1,4 +1,4 @@
-"""Smoke run of bench/multiprocess.py in its reduced mode: three launches (one of them
+"""Smoke run of bench/multi_process.py in its reduced mode: three launches (one of them
 `accelerate launch` with 2 gloo processes) finish and report comparable figures."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import sys
 from conftest import ROOT
 
 
-def test_multiprocess_bench_quick(tmp_path):
+def test_multi_process_bench_quick(tmp_path):
     out = tmp_path / "mp.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "multiprocess.py"), "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "multi_process.py"), "--quick", "--out", str(out)],
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,10 +11,10 @@ Throughput is the Trainer-side ``train/tokens_per_s`` the pipeline logs (tokens 
 rows per second of training, probes excluded), median over the logged intervals after the
 first (warm-up). The loss curves are compared too (max relative difference per step).
 
-    OMP_NUM_THREADS=1 python bench/multiprocess.py            # full: 60 steps at 512 tokens
-    OMP_NUM_THREADS=1 python bench/multiprocess.py --quick    # smoke: 6 steps at 128 tokens
+    OMP_NUM_THREADS=1 python bench/multi_process.py            # full: 60 steps at 512 tokens
+    OMP_NUM_THREADS=1 python bench/multi_process.py --quick    # smoke: 6 steps at 128 tokens
 
-Prints one JSON line and writes bench/results/multiprocess.json (multiprocess_quick.json).
+Prints one JSON line and writes bench/results/multi_process.json (multi_process_quick.json).
 """
 
 from __future__ import annotations
@@ -121,9 +121,9 @@ def main() -> None:
     for v in out.values():
         v.pop("losses")
     result = {
-        "bench": "multiprocess",
+        "bench": "multi_process",
         "mode": "quick" if args.quick else "full",
-        "command": "OMP_NUM_THREADS=1 python bench/multiprocess.py" + (" --quick" if args.quick else ""),
+        "command": "OMP_NUM_THREADS=1 python bench/multi_process.py" + (" --quick" if args.quick else ""),
         "machine": {"platform": platform.platform(), "cpu_count": cores, "python": platform.python_version()},
         "steps": steps, "seq": length, "global_batch": micro,
         "runs": out,
@@ -134,7 +134,7 @@ def main() -> None:
         "loss_curve_max_rel_diff": max_rel,
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
     }
-    target = args.out or RESULTS / ("multiprocess_quick.json" if args.quick else "multiprocess.json")
+    target = args.out or RESULTS / ("multi_process_quick.json" if args.quick else "multi_process.json")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
