@@ -11,7 +11,7 @@ def _naive(h, w, y):
                            reduction="none").view(y.shape)
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 7, 16, 100])
+@pytest.mark.parametrize("chunk", [1, 3, 7, 16, 100, "auto"])
 def test_values_and_grads_match_naive(chunk):
     torch.manual_seed(0)
     h = torch.randn(2, 16, 8, requires_grad=True)
@@ -40,3 +40,19 @@ def test_task_balanced_mean_weights_tasks_equally():
 def test_bad_chunk_size():
     with pytest.raises(ValueError):
         chunked_token_ce(torch.zeros(1, 2, 3), torch.zeros(4, 3), torch.zeros(1, 2, dtype=torch.long), chunk_size=0)
+
+
+def test_one_chunk_is_not_recomputed(monkeypatch):
+    """When every position fits one chunk (small vocabulary, "auto"), the loss runs without
+    activation checkpointing: recomputing the only chunk would just repeat the head matmul."""
+    from scaler_wizard.losses import chunked_ce
+
+    calls = []
+    monkeypatch.setattr(chunked_ce, "checkpoint", lambda *a, **k: calls.append(1) or chunked_ce._chunk_ce(*a[1:5]))
+    h = torch.randn(2, 16, 8, requires_grad=True)
+    w = torch.randn(50, 8)
+    y = torch.randint(0, 50, (2, 16))
+    chunked_token_ce(h, w, y, chunk_size="auto").sum().backward()
+    assert calls == []
+    chunked_token_ce(h, w, y, chunk_size=4).sum().backward()
+    assert len(calls) == 4

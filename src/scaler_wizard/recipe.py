@@ -13,7 +13,7 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -119,7 +119,9 @@ class TrainingSection(_Strict):
     gradient_checkpointing: bool = False
     logging_steps: int = Field(5, ge=1)
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")
-    loss_chunk_size: int = Field(512, ge=1, description="tokens per chunk of the chunked cross-entropy")
+    loss_chunk_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="sequence positions per chunk of the chunked losses (every row of the micro-batch is "
+        "in each chunk); auto: as many as fit 256 MB of logits and temporaries, one chunk when all fit")
     snapshot_every: int = Field(25, ge=0, description="optimizer steps between resumable snapshots "
                                 "(adapters, optimizer, scheduler, RNG, data position); 0: stage boundaries only")
 

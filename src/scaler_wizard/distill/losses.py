@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import RecipeError
-from ..losses.chunked_ce import IGNORE_INDEX, task_balanced_mean
+from ..losses.chunked_ce import IGNORE_INDEX, resolve_chunk_size, task_balanced_mean
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd")
@@ -63,7 +63,7 @@ class DistillConfig:
     beta: float = 0.5
     temperature: float = 1.0
     kd_weight: float = 0.5
-    chunk_size: int = 512
+    chunk_size: int | str = "auto"  # positions per chunk, or "auto" (losses/chunk_policy.py)
 
     def __post_init__(self) -> None:
         problems = []
@@ -75,8 +75,9 @@ class DistillConfig:
             problems.append(("distillation.temperature", f"must be a positive number, got {self.temperature}"))
         if not 0.0 <= self.kd_weight <= 1.0:
             problems.append(("distillation.kd_weight", f"must be within [0, 1], got {self.kd_weight}"))
-        if not (isinstance(self.chunk_size, int) and self.chunk_size > 0):
-            problems.append(("distillation.chunk_size", f"must be a positive integer, got {self.chunk_size!r}"))
+        if self.chunk_size != "auto" and not (isinstance(self.chunk_size, int) and not isinstance(self.chunk_size, bool)
+                                              and self.chunk_size > 0):
+            problems.append(("distillation.chunk_size", f"must be a positive integer or 'auto', got {self.chunk_size!r}"))
         if problems:
             raise RecipeError("distillation settings", problems)
 
@@ -242,7 +243,9 @@ def chunked_distill_token_losses(
         covered = min(teacher.signal.length, hidden.size(1))
         signal, mask = teacher.signal, teacher.mask.bool()
     ce_pieces, kd_pieces = [], []
-    step = config.chunk_size
+    step = resolve_chunk_size(config.chunk_size, hidden, weight, loss=config.divergence)
+    # one chunk: nothing to save by recomputing it in backward (see chunked_ce.chunked_token_ce)
+    recompute = step < hidden.size(1)
     for start in range(0, hidden.size(1), step):
         end = min(start + step, hidden.size(1))
         h, y = hidden[:, start:end], labels[:, start:end]
@@ -250,7 +253,7 @@ def chunked_distill_token_losses(
         t_chunk = signal.narrow(start, t_end) if (signal is not None and start < t_end) else None
         m_chunk = mask[:, start:t_end] if t_chunk is not None else None
         args = (h, weight, bias, y, t_chunk, m_chunk, config.divergence, config.beta, config.temperature)
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        if recompute and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
             ce, kd = checkpoint(_chunk_losses, *args, use_reentrant=False)
         else:
             ce, kd = _chunk_losses(*args)

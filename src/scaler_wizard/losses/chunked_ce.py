@@ -6,6 +6,10 @@ Each chunk's logits are computed, reduced to per-token losses and freed; under a
 chunk is recomputed in backward (``torch.utils.checkpoint``), so peak memory holds one chunk of
 logits instead of all of them: for 4096 tokens x 128,256 vocab in fp32 that is 2.1 GB at once
 for the stock loss versus 263 MB with 512-token chunks.
+
+``chunk_size="auto"`` sizes the chunks from the batch's shape and the logits' dtype
+(:mod:`scaler_wizard.losses.chunk_policy`): as large as a 256 MB budget allows, and one chunk
+without recomputation when everything fits (small vocabularies), where chunking would only cost time.
 """
 
 from __future__ import annotations
@@ -14,7 +18,22 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .chunk_policy import positions_per_chunk
+
 IGNORE_INDEX = -100
+
+
+def resolve_chunk_size(chunk_size: int | str, hidden: torch.Tensor, weight: torch.Tensor, *, loss: str = "ce") -> int:
+    """``chunk_size`` as given, or for ``"auto"`` the positions per chunk (all rows in each) that
+    fit the default budget for this batch's shape and logits dtype (the autocast dtype under autocast)."""
+    if chunk_size == "auto":
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        return positions_per_chunk(max(1, hidden.size(0)), max(1, hidden.size(1)), weight.size(0),
+                                   dtype_bytes=dtype.itemsize, loss=loss)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive integer or 'auto', got {chunk_size!r}")
+    return chunk_size
 
 
 def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor):
@@ -31,14 +50,17 @@ def chunked_token_ce(
     labels: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    chunk_size: int = 512,
+    chunk_size: int | str = "auto",
 ) -> torch.Tensor:
     """Per-token cross-entropy [batch, length]; 0 where ``labels == -100``.
 
     ``hidden`` [b, t, h] must already be aligned with ``labels`` [b, t] (shifted by the caller).
     """
-    if chunk_size <= 0:
-        raise ValueError("chunk_size must be positive")
+    chunk_size = resolve_chunk_size(chunk_size, hidden, weight)
+    if chunk_size >= hidden.size(1):
+        # One chunk: recomputing it in backward would save nothing (the loss is the last op of the
+        # forward, its logits are needed again at once) and would cost a second head matmul.
+        return _chunk_ce(hidden, weight, bias, labels)
     pieces = []
     for start in range(0, hidden.size(1), chunk_size):
         h = hidden[:, start : start + chunk_size]

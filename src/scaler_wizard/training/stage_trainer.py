@@ -44,7 +44,7 @@ class ScalingTrainer(Trainer):
     """Trainer with the chunked, task-balanced loss and, when a teacher is given, the chunked
     distillation loss ``(1-lambda)*CE + lambda*T^2*KD`` (``distill/losses.py``)."""
 
-    def __init__(self, *args: Any, loss_chunk_size: int = 512, teacher: Any = None, distill: Any = None,
+    def __init__(self, *args: Any, loss_chunk_size: int | str = "auto", teacher: Any = None, distill: Any = None,
                  side_metrics: dict[str, float] | None = None, resume_files: Mapping[str, Any] | None = None,
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -70,8 +70,9 @@ class ScalingTrainer(Trainer):
             out = distillation_loss(hidden[:, :-1], head.weight, labels[:, 1:], teacher_batch, self.distill,
                                     bias=head.bias, task=task)
             loss = out.loss
-            self._accumulate("distill/ce", float(out.ce.detach()))
-            self._accumulate("distill/kl", float(out.kd.detach()))
+            # detached tensors, summed where they live: float() here would wait for the device every step
+            self._accumulate("distill/ce", out.ce.detach())
+            self._accumulate("distill/kl", out.kd.detach())
         else:
             # predict token t+1 from position t
             token_loss = chunked_token_ce(
@@ -102,7 +103,7 @@ class ScalingTrainer(Trainer):
             handle.remove()
         return captured[-1], head
 
-    def _accumulate(self, name: str, value: float) -> None:
+    def _accumulate(self, name: str, value: float | torch.Tensor) -> None:
         total, count = self.side_metrics.get(name, (0.0, 0))
         self.side_metrics[name] = (total + value, count + 1)
 
@@ -225,7 +226,7 @@ class StageTelemetryCallback(TrainerCallback):
                     self.losses.append(float(logs[key]))
         for name, (total, count) in list(self.side_metrics.items()):
             if count:
-                self.log(step, name, total / count)
+                self.log(step, name, float(total / count))  # one device sync per log, not per step
         self.side_metrics.clear()
         if self.flush:
             self.flush()  # one write per log: live readers (cockpit, tail -f) see every log promptly
