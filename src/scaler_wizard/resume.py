@@ -93,19 +93,9 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
         raise InputError(f"{path} is not valid JSON ({exc}).") from None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def find_resume_point(target: str | Path, output_dir: str | Path = "runs") -> ResumePoint:
     """Check that the run can be resumed and pick its newest valid snapshot."""
-    from .cache.checkpoints import CheckpointCache, default_cache_root
+    from .cache.checkpoints import CheckpointCache, default_cache_root, pid_alive
     run_dir = resolve_run_dir(target, output_dir)
     status = _read_json(run_dir / "status.json", "status.json")
     envelope = _read_json(run_dir / "envelope.json", "envelope.json")
@@ -117,7 +107,7 @@ def find_resume_point(target: str | Path, output_dir: str | Path = "runs") -> Re
         raise PlanError(f"Run {run_dir.name} never started training (state: {state}).",
                         hint="Start a new run with an approved contract.")
     pid = status.get("pid")
-    if state == "running" and isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid):
+    if state == "running" and isinstance(pid, int) and pid != os.getpid() and pid_alive(pid):
         raise PlanError(f"Run {run_dir.name} is still running (process {pid}).",
                         hint="Stop it first (cockpit abort, or kill the process), then resume.")
     recipe_file = run_dir / "recipe.resolved.yaml"

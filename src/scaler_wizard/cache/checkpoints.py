@@ -262,7 +262,7 @@ def _fault_sleep() -> None:
         time.sleep(float(delay))
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -723,7 +723,7 @@ class CheckpointCache:
             stale = (
                 pid is None
                 or pid == os.getpid()
-                or not _pid_alive(pid)
+                or not pid_alive(pid)
                 or now - p.stat().st_mtime > max_age_s
             )
             if stale:
