@@ -135,3 +135,25 @@ def test_resume_refuses_edited_recipe(tmp_path, monkeypatch, reference):
     with pytest.raises(PlanError, match="no longer matches"):
         run(resume=run_dir, self_approve=True)
     assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
+
+
+def test_resume_refuses_a_run_that_is_still_alive(tmp_path):
+    import subprocess
+    import sys
+
+    from scaler_wizard.errors import PlanError
+    from scaler_wizard.resume import find_resume_point
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run_dir = tmp_path / "runs" / "alive"
+        run_dir.mkdir(parents=True)
+        (run_dir / "status.json").write_text(json.dumps({"state": "running", "pid": live.pid}))
+        (run_dir / "envelope.json").write_text(json.dumps({"recipe_dir": str(tmp_path)}))
+        with pytest.raises(PlanError, match="still running"):
+            find_resume_point(run_dir)
+    finally:
+        live.kill()
+        live.wait()
+    with pytest.raises(PlanError, match="lacks recipe.resolved.yaml"):  # the process is gone now
+        find_resume_point(run_dir)
