@@ -174,7 +174,7 @@ def token_divergence(
         return _kl(log_q, log_p)
     if divergence == "jsd":
         # log M = log(beta P + (1 - beta) Q), computed stably in log space
-        log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log1p(-beta)]), dim=0)
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
         return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
     raise ValueError(f"unknown divergence {divergence!r}; use one of {list(DIVERGENCES)}")
 
@@ -197,8 +197,13 @@ def _chunk_losses(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # hidden [b, c, h] -> student logits [b, c, V] in fp32 for a stable log-softmax
     logits = F.linear(hidden, weight, bias).float()
-    ce = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    # one log-softmax serves the CE and, at temperature 1, the student side of the divergence
+    # (F.cross_entropy would compute it again): the elementwise passes over [b, c, V] are what
+    # bound this loss at small vocabularies (bench/perf.py, distillation vs TRL GKD)
+    student_logprobs = F.log_softmax(logits, dim=-1)
+    ce = F.nll_loss(
+        student_logprobs.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+        reduction="none",
     ).view(labels.shape)
     kd = torch.zeros_like(ce)
     if teacher is None or kd_mask is None or kd_mask.size(1) == 0:
@@ -210,7 +215,7 @@ def _chunk_losses(
         t_logits = F.linear(teacher.hidden.detach(), teacher.weight.detach(),
                             None if teacher.bias is None else teacher.bias.detach()).float()
         log_p = F.log_softmax(t_logits / temperature, dim=-1)
-        log_q = F.log_softmax(s / temperature, dim=-1)
+        log_q = student_logprobs[:, :n] if temperature == 1.0 else F.log_softmax(s / temperature, dim=-1)
     else:
         ids = teacher.token_ids.long()
         log_q = F.log_softmax(s.gather(-1, ids) / temperature, dim=-1)
