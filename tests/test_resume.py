@@ -96,11 +96,11 @@ def test_resumed_run_matches_uninterrupted_losses(tmp_path, monkeypatch, referen
     assert "resume_requested" in audit and audit.count("token_issued") == 2
     # the envelope's loss window went on from the snapshot instead of restarting empty
     from scaler_wizard.cache.checkpoints import CheckpointCache
-    from scaler_wizard.resume import _read_position
+    from scaler_wizard.cache.state import read_data_position
 
     cache = CheckpointCache(run_dir.parent / ".checkpoints")
     snap = cache.get("crashy", status["resumes"][0]["snapshot"].split("/")[1])
-    saved = _read_position(cache.open_files(snap)["data/position.json"])["envelope"]
+    saved = read_data_position(cache.open_files(snap))["envelope"]
     assert [s for s, _ in saved["loss"]["window"]] == list(range(1, resumed_at + 1))[-len(saved["loss"]["window"]):]
 
 

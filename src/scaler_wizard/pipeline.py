@@ -792,9 +792,8 @@ class RunGuards:
         load_snapshot(self.cache, snap, model=model, restore_rng=False)
 
     def restore(self, model, snap) -> None:
-        from .cache.state import load_snapshot
-
-        load_snapshot(self.cache, snap, model=model, restore_rng=False)
+        """Rollback: the snapshot's weights, and the envelope forgets what came after it."""
+        self.load_weights(model, snap)
         self.envelope.record_rollback(snap.step)
 
     def observe_eval(self, step: int, stage: int, results: list[ProbeResult]) -> None:

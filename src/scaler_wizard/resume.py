@@ -96,6 +96,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 def find_resume_point(target: str | Path, output_dir: str | Path = "runs") -> ResumePoint:
     """Check that the run can be resumed and pick its newest valid snapshot."""
     from .cache.checkpoints import CheckpointCache, default_cache_root, pid_alive
+    from .cache.state import read_data_position
     run_dir = resolve_run_dir(target, output_dir)
     status = _read_json(run_dir / "status.json", "status.json")
     envelope = _read_json(run_dir / "envelope.json", "envelope.json")
@@ -120,15 +121,10 @@ def find_resume_point(target: str | Path, output_dir: str | Path = "runs") -> Re
         raise PlanError(f"Run {run_dir.name} has no valid snapshot in {cache.root} to resume from.",
                         hint="Start a new run; snapshots are taken every training.snapshot_every steps.")
     files = cache.open_files(snap, verify=False)  # latest_valid verified it
-    if "data/position.json" not in files:
+    saved = read_data_position(files)
+    if saved is None:
         raise PlanError(f"Snapshot {snap.ref} holds no run position (not written by the pipeline).",
                         hint="Roll back with `scaler-wizard rollback` instead, or start a new run.")
-    position = RunPosition.from_json(_read_position(files["data/position.json"]), snap.ref)
+    position = RunPosition.from_json(saved, snap.ref)
     return ResumePoint(run_dir, recipe_file, Path(envelope["recipe_dir"]), envelope.get("recipe_digest", ""),
                        snap, position, status)
-
-
-def _read_position(path: Path) -> dict[str, Any]:
-    from .cache.state import join_tensors  # the snapshot JSON codec (non-finite floats etc.)
-
-    return join_tensors(json.loads(Path(path).read_text(encoding="utf-8")), {})

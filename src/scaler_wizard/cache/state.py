@@ -301,11 +301,16 @@ def apply_training_state(
         result.skipped += set_rng_state(load_component(files, "rng"))
         result.components.append("rng")
     if "data" in present:
-        result.data_position = join_tensors(
-            json.loads(_read(files["data/position.json"]).decode("utf-8")), {}
-        )
+        result.data_position = read_data_position(files)
         result.components.append("data")
     return result
+
+
+def read_data_position(files: Mapping[str, bytes | Path | str]) -> dict[str, Any] | None:
+    """The snapshot's data position (plain JSON, non-finite floats decoded), or None."""
+    if "data/position.json" not in files:
+        return None
+    return join_tensors(json.loads(_read(files["data/position.json"]).decode("utf-8")), {})
 
 
 def _require(present: list[str], name: str) -> None:
