@@ -63,3 +63,11 @@ def test_unsupported_method_names_supported_ones(tmp_path, tiny_model_dir):
     res = cli("run", str(recipe))
     assert res.returncode == 2
     assert "yarn" in res.stderr and "does not support rope" in " ".join(res.stderr.split())
+
+
+def test_resume_bad_requests_exit_2(tmp_path):
+    both = cli("run", "some.yaml", "--resume", "some-run", cwd=tmp_path)
+    assert both.returncode == 2 and "--resume" in both.stderr and "Traceback" not in both.stderr
+    missing = cli("run", "--resume", str(tmp_path / "nope"), "--self-approve", cwd=tmp_path)
+    assert missing.returncode == 2 and "No run folder" in missing.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written

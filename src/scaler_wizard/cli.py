@@ -94,7 +94,10 @@ def run(
     from .pipeline import run as run_pipeline
 
     if resume is not None and recipe is not None:
-        raise typer.BadParameter("give either a RECIPE or --resume RUN (a resumed run keeps its own recipe)")
+        from .errors import InputError
+
+        raise InputError(f"Both a recipe ({recipe}) and --resume {resume} were given.",
+                         hint="A resumed run keeps its own recipe: pass only --resume RUN.")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     server = None
