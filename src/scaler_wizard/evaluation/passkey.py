@@ -18,6 +18,15 @@ the key's next token, so the two are the same test at a fraction of the cost.
 Every piece is tokenized on its own with a leading space so that concatenating token ids
 equals tokenizing the concatenated text for byte-level BPE tokenizers (pieces never merge
 across a space boundary).
+
+Needle templates (contamination control)
+-----------------------------------------
+The wording above is ``PROBE_TEMPLATE``: the evaluation template that every probe, benchmark
+and gate uses. ``TRAIN_TEMPLATES`` are other wordings (key sentence, question and filler all
+differ) for *training* rows, and ``HELDOUT_TEMPLATE`` is used by nothing but evaluation, so a
+model can be scored on a needle format it never saw. Training rows of a context extension must
+be built from ``TRAIN_TEMPLATES`` only (``MixedTemplateBuilder``); ``assert_not_probe`` guards it.
+Every template's question ends so that the answer is ``" K"``, exactly as in the probe.
 """
 
 from __future__ import annotations
@@ -37,6 +46,90 @@ FILLER_SENTENCES = (
 KEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 KEY_RANGE = (10000, 99999)
+
+
+@dataclass(frozen=True)
+class NeedleTemplate:
+    """One needle format: the key sentence (``{key}`` marks each mention of the key), the
+    question whose greedy continuation must be ``" K"``, and the filler sentences repeated in
+    order to make the haystack."""
+
+    name: str
+    key_sentence: str
+    question: str
+    filler: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if "{key}" not in self.key_sentence:
+            raise ValueError(f"template {self.name!r}: the key sentence has no {{key}}")
+        if not self.filler:
+            raise ValueError(f"template {self.name!r}: no filler sentences")
+
+
+PROBE_TEMPLATE = NeedleTemplate("probe", KEY_SENTENCE, QUESTION, FILLER_SENTENCES)
+
+TRAIN_TEMPLATES: tuple[NeedleTemplate, ...] = (
+    NeedleTemplate(
+        "secret_number",
+        "The secret number is {key}. Keep it in mind. {key} is the secret number.",
+        "What is the secret number? The secret number is",
+        ("The river runs to the sea.", "A bird sings in the tree.", "The hills are quiet.",
+         "We rest by the fire.", "Morning comes again."),
+    ),
+    NeedleTemplate(
+        "code",
+        "Remember the code {key}. The code is {key}.",
+        "Which code did you remember? The code is",
+        ("The wind blows over the field.", "Bread is baked at dawn.", "The door is open.",
+         "Stars fill the night.", "All is well."),
+    ),
+    NeedleTemplate(
+        "magic_word",
+        "The magic word is {key}. Say it again: {key}.",
+        "Now, what is the magic word? The magic word is",
+        ("The boat floats on the lake.", "Snow covers the ground.", "A dog runs home.",
+         "The bell rings twice.", "Time moves on."),
+    ),
+    NeedleTemplate(
+        "lucky_number",
+        "My lucky number is {key}. Again: {key}.",
+        "And my lucky number? It is",
+        ("The trees are tall.", "Water is cold in winter.", "The market is busy today.",
+         "Children play outside.", "The lamp is lit."),
+    ),
+    NeedleTemplate(
+        "room_number",
+        "Note this: the room number is {key}. The room number is {key}.",
+        "What was the room number? The room number is",
+        ("The road goes on and on.", "Leaves fall in autumn.", "The mountain is high.",
+         "A song is sung.", "The clock strikes noon."),
+    ),
+)
+
+HELDOUT_TEMPLATE = NeedleTemplate(
+    "heldout",
+    "The hidden value is {key}. Note it well. {key} is the hidden value.",
+    "What is the hidden value? The hidden value is",
+    ("The cat sleeps on the mat.", "Rain falls in the spring.", "The path is long.",
+     "We walk together.", "Night follows day."),
+)
+
+TEMPLATES: dict[str, NeedleTemplate] = {t.name: t for t in (PROBE_TEMPLATE, *TRAIN_TEMPLATES, HELDOUT_TEMPLATE)}
+
+
+def get_template(name: str) -> NeedleTemplate:
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise ValueError(f"unknown needle template {name!r}; known: {sorted(TEMPLATES)}") from None
+
+
+def assert_not_probe(template: NeedleTemplate) -> None:
+    """Raise if ``template`` shares the probe's or the held-out template's wording (a training
+    row built from it would contaminate the evaluation)."""
+    for evaluation in (PROBE_TEMPLATE, HELDOUT_TEMPLATE):
+        if template.key_sentence == evaluation.key_sentence or template.question == evaluation.question:
+            raise ValueError(f"template {template.name!r} reuses the {evaluation.name!r} evaluation template")
 
 
 class TokenEncoder(Protocol):
@@ -62,17 +155,34 @@ class PasskeyExample:
 
 
 class PasskeyBuilder:
-    """Builds passkey prompts of an exact-ish token length for one tokenizer."""
+    """Builds passkey prompts of an exact-ish token length for one tokenizer and one needle
+    template (default: the probe's)."""
 
-    def __init__(self, tokenizer: TokenEncoder, bos_token_id: int | None):
+    def __init__(self, tokenizer: TokenEncoder, bos_token_id: int | None, template: NeedleTemplate = PROBE_TEMPLATE):
+        self.template = template
         self._bos = [bos_token_id] if bos_token_id is not None else []
         enc = lambda s: list(tokenizer.encode(s, add_special_tokens=False))
         self._enc = enc
-        self._filler = [enc(" " + s) for s in FILLER_SENTENCES]
-        self._question = enc(" " + QUESTION)
+        self._filler = [enc(" " + s) for s in template.filler]
+        self._question = enc(" " + template.question)
 
     def key_sentence_ids(self, key: int) -> list[int]:
-        return self._enc(" " + KEY_SENTENCE.format(key=key))
+        return self._enc(" " + self.template.key_sentence.format(key=key))
+
+    def key_mentions(self, example: PasskeyExample) -> list[int]:
+        """Start offsets (inside ``prompt_ids``) of every mention of the key's digits within the
+        key sentence, in order; the second one is a copy target (loss on the second mention)."""
+        digits = self._enc(str(example.key))
+        s, e = example.key_token_span
+        span = example.prompt_ids[s:e]
+        out, i = [], 0
+        while i <= len(span) - len(digits):
+            if span[i : i + len(digits)] == digits:
+                out.append(s + i)
+                i += len(digits)
+            else:
+                i += 1
+        return out
 
     def answer_ids(self, key: int) -> list[int]:
         return self._enc(f" {key}")
@@ -110,6 +220,52 @@ class PasskeyBuilder:
         start = len(self._bos) + len(before)
         prompt = self._bos + before + key_ids + after + self._question
         return PasskeyExample(prompt, answer, key, depth, (start, start + len(key_ids)))
+
+
+class MixedTemplateBuilder:
+    """Training rows over several templates (default ``TRAIN_TEMPLATES``), never the probe's or
+    the held-out one: ``build`` takes the template by ``template_index`` (round robin when the
+    caller counts rows) or draws it with ``rng``."""
+
+    def __init__(
+        self,
+        tokenizer: TokenEncoder,
+        bos_token_id: int | None,
+        templates: Sequence[NeedleTemplate] = TRAIN_TEMPLATES,
+        allow_evaluation_templates: bool = False,
+    ):
+        if not templates:
+            raise ValueError("no templates")
+        if not allow_evaluation_templates:
+            for t in templates:
+                assert_not_probe(t)
+        self.builders = [PasskeyBuilder(tokenizer, bos_token_id, t) for t in templates]
+        self._next = 0
+
+    @property
+    def templates(self) -> list[NeedleTemplate]:
+        return [b.template for b in self.builders]
+
+    def min_length(self) -> int:
+        return max(b.min_length() for b in self.builders)
+
+    def builder(self, template_index: int | None = None, rng: random.Random | None = None) -> PasskeyBuilder:
+        if template_index is None:
+            if rng is not None:
+                template_index = rng.randrange(len(self.builders))
+            else:
+                template_index, self._next = self._next, self._next + 1
+        return self.builders[template_index % len(self.builders)]
+
+    def build(
+        self,
+        length: int,
+        depth: float,
+        key: int,
+        template_index: int | None = None,
+        rng: random.Random | None = None,
+    ) -> PasskeyExample:
+        return self.builder(template_index, rng).build(length, depth, key)
 
 
 def passkey_grid(
