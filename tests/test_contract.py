@@ -163,22 +163,25 @@ def test_draft_summary_names_the_scope(project):
 # ----- happy paths ----------------------------------------------------------------------------------
 
 
-def test_single_approver_happy_path_issues_bound_token(project, tmp_path):
+def test_single_approver_happy_path_grants_a_bound_approval(project, tmp_path):
     recipe, folder, keys, approvers = project
     path = tmp_path / "c.yaml"
     path.write_text(C.dump_contract(_signed(recipe, folder, keys)))
     run_dir = tmp_path / "runs" / "run-1"
     grant = G.authorize_run(recipe, folder, run_id="run-1", run_dir=run_dir, contract_path=path,
-                            approvers_path=approvers)
-    assert grant.token.startswith("v4.public.")
-    assert grant.approvers == ("alice",) and not grant.claims.self_approved
-    claims = G.verify_token(grant.token, grant.public_key, run_id="run-1", recipe_digest=recipe.digest())
-    assert claims.contract_digest == grant.contract.digest()
-    assert (run_dir / "contract" / "approval_token").stat().st_mode & 0o777 == 0o600
+                            approvers_path=approvers, echo=lambda s: None)
+    assert grant.approvers == ("alice",) and not grant.self_approved
+    assert grant.contract_digest == grant.contract.digest() and grant.recipe_digest == recipe.digest()
+    G.verify_grant(grant, recipe=recipe)
+    assert not (run_dir / "contract" / "approval_token").exists()  # no bearer token any more (issue 14)
+    for f in ("audit.jsonl", "contract.yaml"):
+        assert (run_dir / "contract" / f).stat().st_mode & 0o777 == 0o600
     saved = C.load_contract(run_dir / "contract" / "contract.yaml")
     assert saved.digest() == grant.contract.digest() and len(saved.signatures) == 1
     events = [(r["event"], r["result"]) for r in G.read_audit(run_dir / "contract" / "audit.jsonl")]
-    assert events == [("contract_verified", "pass"), ("token_issued", "pass")]
+    assert events == [("contract_verified", "pass"), ("grant_issued", "pass")]
+    text = (run_dir / "contract" / "audit.jsonl").read_text()
+    assert grant.contract.signatures[0].signature not in text  # digests only
 
 
 def test_k_of_n_with_embedded_and_detached_signatures(project, tmp_path):
@@ -188,7 +191,7 @@ def test_k_of_n_with_embedded_and_detached_signatures(project, tmp_path):
     path.write_text(C.dump_contract(C.sign_contract(doc, C.load_private_key(keys["alice"].private), "alice")))
     bob_only = C.sign_contract(doc, C.load_private_key(keys["bob"].private), "bob")
     C.detached_path(path).write_text(C.dump_detached(bob_only))
-    grant = G.authorize_run(recipe, folder, run_id="run-1", run_dir=tmp_path / "r", contract_path=path,
+    grant = G.authorize_run(recipe, folder, run_id="run-1", run_dir=tmp_path / "run-1", contract_path=path,
                             approvers_path=approvers)
     assert grant.approvers == ("alice", "bob")
 
@@ -208,7 +211,7 @@ def test_scope_checks_pass_within_the_approval_and_are_audited(project, tmp_path
     recipe, folder, keys, approvers = project
     path = tmp_path / "c.yaml"
     path.write_text(C.dump_contract(_signed(recipe, folder, keys)))
-    grant = G.authorize_run(recipe, folder, run_id="run-1", run_dir=tmp_path / "r", contract_path=path,
+    grant = G.authorize_run(recipe, folder, run_id="run-1", run_dir=tmp_path / "run-1", contract_path=path,
                             approvers_path=approvers)
     done = tokens = 0
     for length, steps in [(512, 3), (512, 3), (1024, 4), (1024, 4)]:  # both stages extended once
@@ -217,11 +220,12 @@ def test_scope_checks_pass_within_the_approval_and_are_audited(project, tmp_path
         done, tokens = done + steps, tokens + steps * 2 * length
     assert done == grant.scope.max_steps and tokens == grant.scope.max_tokens and grant.checks == 4
     G.close_run(grant, "completed")
-    events = [r["event"] for r in G.read_audit(tmp_path / "r" / "contract" / "audit.jsonl")]
+    events = [r["event"] for r in G.read_audit(tmp_path / "run-1" / "contract" / "audit.jsonl")]
     assert events.count("scope_checked") == 4 and events[-1] == "run_closed"
 
 
 def test_trust_file_discovery_order(project, tmp_path, home, monkeypatch):
+    """The user's file is the trust root; a project file is never returned as it."""
     _, folder, _, approvers = project
     assert C.find_approvers_file(folder) is None
     user = home / "approvers.yaml"
@@ -229,7 +233,8 @@ def test_trust_file_discovery_order(project, tmp_path, home, monkeypatch):
     assert C.find_approvers_file(folder) == user
     proj = folder / C.PROJECT_APPROVERS_FILE
     C.write_approvers_file(proj, C.ApproversFile())
-    assert C.find_approvers_file(folder) == proj
+    assert C.find_approvers_file(folder) == user  # the project file only restricts (resolve_trust_policy)
+    assert C.project_approvers_file(folder) == proj
     monkeypatch.setenv(C.APPROVERS_ENV, str(approvers))
     assert C.find_approvers_file(folder) == approvers
     assert C.find_approvers_file(folder, tmp_path / "x.yaml") == tmp_path / "x.yaml"
@@ -250,17 +255,17 @@ def test_revocation_is_permanent(project):
 def test_self_approve_flag_is_printed_recorded_and_uses_local_key(project, tmp_path, home):
     recipe, folder, _, _ = project
     said = []
-    grant = G.authorize_run(recipe, folder, run_id="demo-1", run_dir=tmp_path / "r1", self_approve=True,
+    grant = G.authorize_run(recipe, folder, run_id="demo-1", run_dir=tmp_path / "demo-1", self_approve=True,
                             echo=said.append)
     assert any("SELF-APPROVAL" in s for s in said)
-    assert grant.claims.self_approved and grant.approvers == (C.local_approver_name(),)
+    assert grant.self_approved and grant.approvers == (C.local_approver_name(),)
     local = home / "keys" / "local.key"
     assert local.stat().st_mode & 0o777 == 0o600
-    audit = G.read_audit(tmp_path / "r1" / "contract" / "audit.jsonl")
+    audit = G.read_audit(tmp_path / "demo-1" / "contract" / "audit.jsonl")
     self_rec = next(r for r in audit if r["event"] == "self_approval")
     assert self_rec["mode"] == "flag"
     assert next(r for r in audit if r["event"] == "contract_verified")["self_approved"] is True
-    grant2 = G.authorize_run(recipe, folder, run_id="demo-2", run_dir=tmp_path / "r2", self_approve=True,
+    grant2 = G.authorize_run(recipe, folder, run_id="demo-2", run_dir=tmp_path / "demo-2", self_approve=True,
                              echo=said.append)
     assert grant2.contract.signatures[0].key_id == grant.contract.signatures[0].key_id  # same local key
 
@@ -269,11 +274,11 @@ def test_interactive_approval_with_typed_sentence(project, tmp_path):
     recipe, folder, _, _ = project
     answers = iter(["I accept", "I accept responsibility for this run."])
     said = []
-    grant = G.authorize_run(recipe, folder, run_id="i-1", run_dir=tmp_path / "r", interactive=True,
+    grant = G.authorize_run(recipe, folder, run_id="i-1", run_dir=tmp_path / "i-1", interactive=True,
                             ask=lambda prompt: next(answers), echo=said.append)
-    assert grant.claims.self_approved
+    assert grant.self_approved
     assert any("256 -> 1024" in s for s in said) and any("1 attempt" in s or "2 attempt" in s for s in said)
-    mode = next(r for r in G.read_audit(tmp_path / "r" / "contract" / "audit.jsonl") if r["event"] == "self_approval")
+    mode = next(r for r in G.read_audit(tmp_path / "i-1" / "contract" / "audit.jsonl") if r["event"] == "self_approval")
     assert mode["mode"] == "interactive"
 
 
@@ -291,14 +296,22 @@ def test_signoff_prompt_gives_up_and_cancels():
 def test_self_approval_refused_by_policy(project, tmp_path):
     recipe, folder, _, approvers = project
     doc = C.read_approvers_file(approvers)
+    assert doc.allow_self_approval is None  # a user trust file that does not say: self-approval is off
+    with pytest.raises(ContractError, match="Self-approval is not allowed"):
+        G.authorize_run(recipe, folder, run_id="w", run_dir=tmp_path / "w", self_approve=True,
+                        approvers_path=approvers, echo=lambda s: None)
     C.write_approvers_file(approvers, doc.model_copy(update={"allow_self_approval": False}))
     with pytest.raises(ContractError, match="Self-approval is not allowed"):
-        G.authorize_run(recipe, folder, run_id="x", run_dir=tmp_path / "r", self_approve=True,
+        G.authorize_run(recipe, folder, run_id="x", run_dir=tmp_path / "x", self_approve=True,
                         approvers_path=approvers, echo=lambda s: None)
-    C.write_approvers_file(approvers, doc.model_copy(update={"required_signatures": 2}))
+    C.write_approvers_file(approvers, doc.model_copy(update={"allow_self_approval": True, "required_signatures": 2}))
     with pytest.raises(ContractError, match="requires 2 signatures"):
-        G.authorize_run(recipe, folder, run_id="y", run_dir=tmp_path / "r2", self_approve=True,
+        G.authorize_run(recipe, folder, run_id="y", run_dir=tmp_path / "y", self_approve=True,
                         approvers_path=approvers, echo=lambda s: None)
+    C.write_approvers_file(approvers, doc.model_copy(update={"allow_self_approval": True}))
+    grant = G.authorize_run(recipe, folder, run_id="z", run_dir=tmp_path / "z", self_approve=True,
+                            approvers_path=approvers, echo=lambda s: None)
+    assert grant.self_approved
 
 
 def test_planned_run_id(project, tmp_path):

@@ -8,7 +8,6 @@ step counter is the proof that no training happens without a valid, in-scope app
 
 from __future__ import annotations
 
-import base64
 import json
 import uuid
 from collections.abc import Callable
@@ -101,7 +100,7 @@ def attempt(env: Env, *, run_id: str = RUN, contract: Path | None | str = "defau
             stages=APPROVED_STAGES, on_grant: Callable[[G.ApprovalGrant], dict] | None = None,
             run_dir: Path | None = None, recipe=None) -> G.ApprovalGrant:
     """Authorize, then the stand-in stage loop: check_scope before each stage, then train its steps."""
-    run_dir = run_dir or env.tmp / "runs" / uuid.uuid4().hex
+    run_dir = run_dir or env.tmp / "runs" / uuid.uuid4().hex / run_id
     env.extra["run_dir"] = run_dir
     recipe = recipe or env.recipe()
 
@@ -262,9 +261,9 @@ def _(env):
     return {}
 
 
-@case("unsupported contract version", "contract_version 2")
+@case("unsupported contract version", "contract_version 3")
 def _(env):
-    env.edit_text("contract_version: 1", "contract_version: 2")
+    env.edit_text("contract_version: 2", "contract_version: 3")
     return {}
 
 
@@ -333,7 +332,7 @@ def _(env):
 
 @case("contract reused for a run folder already authorised", "already authorised")
 def _(env):
-    run_dir = env.tmp / "runs" / "reused"
+    run_dir = env.tmp / "runs" / "reused" / RUN
     grant = attempt(env, run_dir=run_dir)
     G.close_run(grant, "completed")
     env.steps = 0
@@ -352,7 +351,7 @@ def _(env):
     return {}
 
 
-@case("YAML alias bomb", "aliases")
+@case("YAML alias bomb", "anchors|aliases")
 def _(env):
     bomb = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: [*b, *b, *b, *b, *b]\n"
     env.contract_path.write_text("contract_version: 1\n" + bomb)
@@ -376,68 +375,62 @@ def _(env):
     return {"contract": None}
 
 
-# ---- the approval token ----
+# ---- the grant (no bearer token since issue 14: the verified contract is re-checked) ----
 
 
-def _other_run_token(grant: G.ApprovalGrant) -> dict:
-    issuer = G.TokenIssuer()
-    grant.token = issuer.issue(run_id="run-other", contract_digest=grant.claims.contract_digest,
-                               recipe_digest=grant.claims.recipe_digest, scope=grant.claims.scope, approvers=("alice",),
-                               self_approved=False, lifetime_s=3600)
-    grant.public_key = issuer.public_key  # same gatekeeper key, other run
-    return {}
+def _other_runs_contract(env: Env) -> Callable[[G.ApprovalGrant], dict]:
+    other = C.sign_contract(env.draft(run_id="run-other"), env.key("alice"), "alice")
+
+    def swap(grant: G.ApprovalGrant) -> dict:
+        grant.contract = other
+        return {}
+
+    return swap
 
 
-@case("token for another run", "issued for run 'run-other', not for this run 'run-1'")
+@case("grant holding another run's contract", "changed")
 def _(env):
-    return {"on_grant": _other_run_token}
+    return {"on_grant": _other_runs_contract(env)}
 
 
-@case("token replayed after the run ended", "ended at")
+@case("grant replayed after the run ended", "closed|ended at")
 def _(env):
     return {"on_grant": lambda g: (G.close_run(g, "completed"), {})[1]}
 
 
-def _modify_payload(grant: G.ApprovalGrant) -> dict:
-    head, body = grant.token[: len(G.TOKEN_PREFIX)], grant.token[len(G.TOKEN_PREFIX) :]
-    raw = bytearray(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-    at = bytes(raw).index(b'"run-1"') + 5
-    raw[at] = ord("9")  # run-1 -> run-9 inside the signed payload
-    grant.token = head + base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=").decode()
+def _raise_max_steps(grant: G.ApprovalGrant) -> dict:
+    grant.scope = grant.scope.model_copy(update={"max_steps": 10**6})
     return {}
 
 
-@case("token with a modified payload", "signature does not verify")
+@case("grant whose scope was raised in memory", "changed")
 def _(env):
-    return {"on_grant": _modify_payload}
+    return {"on_grant": _raise_max_steps}
 
 
-def _jwt_none(grant: G.ApprovalGrant) -> dict:
-    enc = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
-    grant.token = f"{enc({'alg': 'none', 'typ': 'JWT'})}.{enc({'run_id': RUN, 'sub': RUN})}."
-    return {}
+def _mallory_contract(env: Env) -> Callable[[G.ApprovalGrant], dict]:
+    def swap(grant: G.ApprovalGrant) -> dict:
+        doc = C.sign_contract(env.draft(authorized_by=["alice", "mallory"]), env.key("mallory"), "mallory")
+        grant.contract, grant.contract_digest = doc, doc.digest()
+        grant.scope = doc.body.scope
+        return {}
+
+    return swap
 
 
-@case("JWT-style token with alg none", "JWT with alg='none'")
+@case("grant re-pointed to a contract signed by an untrusted key", "not a trusted approver key")
 def _(env):
-    return {"on_grant": _jwt_none}
+    return {"on_grant": _mallory_contract(env)}
 
 
-def _foreign_issuer(grant: G.ApprovalGrant) -> dict:
-    grant.token = G.TokenIssuer().issue(run_id=RUN, contract_digest=grant.claims.contract_digest,
-                                        recipe_digest=grant.claims.recipe_digest, scope=grant.claims.scope,
-                                        approvers=("alice",), self_approved=False, lifetime_s=10**6)
-    return {}
-
-
-@case("token signed by another gatekeeper key", "signature does not verify")
+@case("approver key revoked while the run is going", "revoked")
 def _(env):
-    return {"on_grant": _foreign_issuer}
+    return {"on_grant": lambda g: (C.revoke_key(env.approvers, env.keys["alice"].key_id, "leaked mid-run"), {})[1]}
 
 
 @case("approved wall time used up", "expired at .* wall time")
 def _(env):
-    return {"on_grant": lambda g: {"now": g.claims.expires_at + timedelta(seconds=1)}}
+    return {"on_grant": lambda g: {"now": g.expires_at + timedelta(seconds=1)}}
 
 
 @case("recipe changed mid-run", "recipe changed during the run")

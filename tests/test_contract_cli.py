@@ -146,7 +146,7 @@ def test_audit_prints_who_approved_what_and_the_failures(tmp_path, home):
         G.check_scope(grant, stage_length=2048, steps_so_far=3, stage_steps=4, stage_index=2)
     G.close_run(grant, "halted")
     out = invoke("audit", run_dir).output
-    for text in ("contract_verified", "SELF-APPROVED", "self_approval", "token_issued", "scope_checked",
+    for text in ("contract_verified", "SELF-APPROVED", "self_approval", "grant_issued", "scope_checked",
                  "scope_rejected", "beyond the approved target context", "run_closed", C.local_approver_name(),
                  "256 -> 1024"):
         assert text in out, text
@@ -218,7 +218,7 @@ def test_interactive_approval_through_a_pty(tmp_path, home):
     assert "256 -> 1024" in screen and "2 attempt(s) left" in screen
     assert "not the sentence" in screen and f"GRANTED {C.local_approver_name()}" in screen
     audit = G.read_audit(G.audit_path(run_dir))
-    assert [r["event"] for r in audit] == ["self_approval", "contract_verified", "token_issued"]
+    assert [r["event"] for r in audit] == ["self_approval", "contract_verified", "grant_issued"]
     assert audit[0]["mode"] == "interactive"
     assert (home / "keys" / "local.key").stat().st_mode & 0o777 == 0o600
 

@@ -183,13 +183,37 @@ def main() -> None:
     except typer.Abort:
         err_console.print("aborted")
         sys.exit(130)
-    except Exception as exc:  # click usage errors
+    except Exception as exc:  # usage errors: typer's own (vendored click) classes, or click's
+        usage = _usage_error_exit_code(exc)
+        if usage is None:
+            raise
+        sys.exit(usage)
+
+
+def _usage_error_exit_code(exc: BaseException) -> int | None:
+    """For a command-line usage error (unknown option, missing or bad argument) from typer or click:
+    show its one-line message (no traceback) and return the exit code (2 for usage errors). None
+    for anything else."""
+    classes: list[type] = [typer.TyperException]
+    try:
         import click
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+        classes += [click.ClickException]
+        aborts: tuple[type, ...] = (click.exceptions.Abort,)
+    except ImportError:  # pragma: no cover - typer vendors click
+        aborts = ()
+    if aborts and isinstance(exc, aborts):
+        err_console.print("aborted")
+        return 130
+    if not isinstance(exc, tuple(classes)):
+        return None
+    show = getattr(exc, "show", None)
+    if callable(show):
+        show()
+    else:
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+    code = getattr(exc, "exit_code", 2)
+    return code if isinstance(code, int) and code != 1 else 2
 
 
 if __name__ == "__main__":

@@ -26,11 +26,14 @@ Choices, and why:
 from __future__ import annotations
 
 import base64
+import errno
 import getpass
 import hashlib
 import json
 import os
 import re
+import stat
+import tempfile
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -48,8 +51,11 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from ..errors import ContractError
 from ..recipe import Recipe, resolve_path
 
-CONTRACT_VERSION = 1
-SUPPORTED_CONTRACT_VERSIONS = (1,)
+CONTRACT_VERSION = 2
+SUPPORTED_CONTRACT_VERSIONS = (2,)
+# version 1 bound only config.json and *.safetensors: tokenizer, chat templates, teacher, offline cache
+# and probe code could change after signing (issue 14). Its contracts are refused with that reason.
+LEGACY_CONTRACT_VERSIONS = (1,)
 APPROVERS_VERSION = 1
 SIGNOFF_SENTENCE = "I accept responsibility for this run"
 MAX_DOCUMENT_BYTES = 64 * 1024
@@ -64,6 +70,10 @@ PROJECT_APPROVERS_FILE = Path(".scaler-wizard") / "approvers.yaml"
 LOCAL_KEY_NAME = "local"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")
+# a run id / session_id is one plain folder name: never a path, never '..'
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DEFAULT_MAX_VALIDITY_DAYS = 90
+MAX_VALIDITY_DAYS_LIMIT = 3650
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 _KEY_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _CHUNK = 1 << 20
@@ -118,12 +128,68 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: Path) -> str:
+def open_regular(path: Path | str, what: str = "file") -> int:
+    """A read-only descriptor of a *regular file*: the last path component is never followed
+    (``O_NOFOLLOW``: a symlink is refused), opening never blocks (``O_NONBLOCK``: a FIFO cannot
+    hang us), and the type is checked on the opened descriptor (``fstat``), so what is checked is
+    what is read. Directories, FIFOs, sockets and devices are refused. Raises ContractError."""
+    path = Path(path)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise ContractError(f"The {what} {path} does not exist.") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or (os.path.islink(path)):
+            raise ContractError(
+                f"The {what} {path} is a symbolic link; it is refused (a link can be re-pointed after it was "
+                "checked). Use the real file.") from None
+        raise ContractError(f"The {what} {path} cannot be opened: {exc.strerror or exc}.") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode)
+                    else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                    else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+            raise ContractError(f"The {what} {path} is {kind}; only regular files are read.")
+        if getattr(os, "O_NONBLOCK", 0):  # a regular file: back to ordinary blocking reads
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(path: Path | str, what: str = "file", limit: int | None = None) -> bytes:
+    """The whole content of a regular file, read once through :func:`open_regular`."""
+    fd = open_regular(path, what)
+    with os.fdopen(fd, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if limit is not None and size > limit:
+            raise ContractError(
+                f"The {what} {path} is {size} bytes, over the {limit}-byte limit for contract documents; "
+                "it is refused unread. A contract is a page of YAML: regenerate it with `scaler-wizard contract draft`."
+            )
+        data = fh.read() if limit is None else fh.read(limit + 1)
+    if limit is not None and len(data) > limit:  # grew between fstat and read
+        raise ContractError(f"The {what} {path} is over the {limit}-byte limit; it is refused unread.")
+    return data
+
+
+def sha256_file(path: Path, what: str = "file") -> str:
+    return hash_regular(path, what)[1]
+
+
+def hash_regular(path: Path | str, what: str = "file") -> tuple[int, str]:
+    """(bytes, sha256) of a regular file, hashed while reading one descriptor (no symlinks, no FIFOs)."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    n = 0
+    fd = open_regular(path, what)
+    with os.fdopen(fd, "rb") as fh:
         for chunk in iter(lambda: fh.read(_CHUNK), b""):
             h.update(chunk)
-    return h.hexdigest()
+            n += len(chunk)
+    return n, h.hexdigest()
 
 
 def config_home() -> Path:
@@ -158,6 +224,19 @@ def check_name(name: str, what: str = "approver name") -> str:
     return name
 
 
+def valid_run_id(value: Any) -> bool:
+    return isinstance(value, str) and bool(RUN_ID_RE.match(value)) and ".." not in value
+
+
+def check_run_id(value: Any, what: str = "run id") -> str:
+    """A run id is one folder name under the runs folder: never a path, never '..'."""
+    if not valid_run_id(value):
+        raise ContractError(
+            f"The {what} {str(value)[:80]!r} is not a plain run name: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, without '..' or path separators. Nothing was written.")
+    return value
+
+
 # ------------------------------------------------------------------------------------------
 # Safe YAML: size limit, no aliases, no duplicate keys
 # ------------------------------------------------------------------------------------------
@@ -181,6 +260,11 @@ class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml w
                 raise yaml.constructor.ConstructorError(
                     None, None, "mapping keys must be plain names", key_node.start_mark
                 )
+            if key_node.tag == "tag:yaml.org,2002:merge" or key_node.value == "<<":
+                raise yaml.constructor.ConstructorError(
+                    None, None, "merge keys (<<) are not allowed in this document: every value must be written "
+                    "out where it applies", key_node.start_mark
+                )
             ident = (key_node.tag, key_node.value)
             if ident in seen:
                 raise yaml.constructor.ConstructorError(
@@ -191,21 +275,21 @@ class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml w
 
 
 def read_limited(path: Path, what: str, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
-    """The bytes of a small document, refusing anything larger than ``limit`` before parsing it."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise ContractError(f"The {what} {path} does not exist.") from None
-    if size > limit:
-        raise ContractError(
-            f"The {what} {path} is {size} bytes, over the {limit}-byte limit for contract documents; "
-            "it is refused unread. A contract is a page of YAML: regenerate it with `scaler-wizard contract draft`."
-        )
-    with open(path, "rb") as fh:
-        data = fh.read(limit + 1)
-    if len(data) > limit:  # grew between stat and read
-        raise ContractError(f"The {what} {path} is over the {limit}-byte limit; it is refused unread.")
-    return data
+    """The bytes of a small document: a regular file (no symlink, FIFO, device or directory), refused
+    unread when larger than ``limit``."""
+    return read_regular(Path(path), what, limit)
+
+
+def _refuse_anchors(text: str) -> None:
+    """Anchors (&name) and aliases (*name) are refused at the event level, before any object is
+    built: a signed value must be written where it applies, never shared or merged in."""
+    for event in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+        if isinstance(event, yaml.AliasEvent):
+            raise yaml.constructor.ConstructorError(None, None, "aliases (*name) are not allowed in this document",
+                                                    event.start_mark)
+        if getattr(event, "anchor", None):
+            raise yaml.constructor.ConstructorError(None, None, "anchors (&name) are not allowed in this document",
+                                                    event.start_mark)
 
 
 def safe_yaml(data: bytes | str, source: str, what: str = "contract") -> Any:
@@ -221,6 +305,7 @@ def safe_yaml(data: bytes | str, source: str, what: str = "contract") -> Any:
     elif len(data.encode()) > MAX_DOCUMENT_BYTES:
         raise ContractError(f"The {what} {source} is over the {MAX_DOCUMENT_BYTES}-byte limit; refused unread.")
     try:
+        _refuse_anchors(data)
         return yaml.load(data, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -389,7 +474,12 @@ class RevokedEntry(_Strict):
 class ApproversFile(_Strict):
     approvers_version: Literal[1] = APPROVERS_VERSION
     required_signatures: int = Field(1, ge=1, le=64, description="k of k-of-n: signatures every contract needs")
-    allow_self_approval: bool = Field(True, description="may a person approve their own run with their local key")
+    allow_self_approval: bool | None = Field(
+        None, description="may a person approve their own run with their local key; unset counts as false "
+        "(only a user without any approvers file may self-approve, and only explicitly)")
+    max_validity_days: int | None = Field(
+        None, ge=1, le=MAX_VALIDITY_DAYS_LIMIT,
+        description=f"longest validity window a contract may have (default {DEFAULT_MAX_VALIDITY_DAYS} days)")
     approvers: list[ApproverEntry] = Field(default_factory=list)
     revoked: list[RevokedEntry] = Field(default_factory=list)
 
@@ -403,36 +493,63 @@ class Approver:
 
 @dataclass
 class TrustPolicy:
-    """Who may approve, which keys are revoked, how many signatures a contract needs."""
+    """Who may approve, which keys are revoked, how many signatures a contract needs.
+
+    ``allow_self_approval``: True (a trust file allows it), False (forbidden, or a trust file that
+    does not say), None (no approvers file at all: an *explicit* self-approval by the person at the
+    keyboard -- ``--self-approve`` or the typed signoff sentence -- is accepted)."""
 
     approvers: dict[str, Approver] = field(default_factory=dict)  # by key id
     revoked: dict[str, RevokedEntry] = field(default_factory=dict)
     required_signatures: int = 1
-    allow_self_approval: bool = True
+    allow_self_approval: bool | None = None
     source: Path | None = None
+    max_validity_days: int = DEFAULT_MAX_VALIDITY_DAYS
+    sources: tuple[str, ...] = ()  # every file this policy was resolved from, with its role
+    notes: tuple[str, ...] = ()  # what a project file tried and was not allowed to do
 
     def describe_source(self) -> str:
-        return str(self.source) if self.source else "(no approvers file: only self-approval is possible)"
+        if self.sources:
+            return " + ".join(self.sources)
+        return str(self.source) if self.source else "(no approvers file: only explicit self-approval is possible)"
+
+    @property
+    def max_validity(self) -> timedelta:
+        return timedelta(days=self.max_validity_days)
 
     def with_extra(self, extra: Iterable[Approver]) -> TrustPolicy:
         approvers = dict(self.approvers)
         for a in extra:
-            approvers.setdefault(a.key_id, a)
+            if a.key_id not in self.revoked:
+                approvers.setdefault(a.key_id, a)
         return TrustPolicy(approvers, dict(self.revoked), self.required_signatures, self.allow_self_approval,
-                           self.source)
+                           self.source, self.max_validity_days, self.sources, self.notes)
 
 
-def find_approvers_file(recipe_dir: Path | None = None, explicit: Path | None = None) -> Path | None:
-    """Explicit path > $SCALER_WIZARD_APPROVERS > project file (<recipe folder>/.scaler-wizard/approvers.yaml)
-    > user file ($SCALER_WIZARD_HOME/approvers.yaml) > none."""
+def user_approvers_file(explicit: Path | None = None) -> Path | None:
+    """The user's own trust file, the authoritative one: ``--approvers`` > $SCALER_WIZARD_APPROVERS >
+    ``$SCALER_WIZARD_HOME/approvers.yaml`` (when it exists) > none. A project folder never supplies it."""
     if explicit is not None:
         return Path(explicit)
     if os.environ.get(APPROVERS_ENV):
         return Path(os.environ[APPROVERS_ENV]).expanduser()
-    if recipe_dir is not None and (Path(recipe_dir) / PROJECT_APPROVERS_FILE).is_file():
-        return Path(recipe_dir) / PROJECT_APPROVERS_FILE
     user = config_home() / "approvers.yaml"
-    return user if user.is_file() else None
+    return user if user.exists() or user.is_symlink() else None
+
+
+def project_approvers_file(recipe_dir: Path | None) -> Path | None:
+    """``<recipe folder>/.scaler-wizard/approvers.yaml`` when present: it may only add restrictions."""
+    if recipe_dir is None:
+        return None
+    path = Path(recipe_dir) / PROJECT_APPROVERS_FILE
+    return path if path.exists() or path.is_symlink() else None
+
+
+def find_approvers_file(recipe_dir: Path | None = None, explicit: Path | None = None) -> Path | None:
+    """The user's trust file (kept for callers that edit it; see :func:`resolve_trust_policy` for
+    what a run and ``contract verify`` use). ``recipe_dir`` is ignored: a project file is never the
+    trust root."""
+    return user_approvers_file(explicit)
 
 
 def read_approvers_file(path: Path) -> ApproversFile:
@@ -447,31 +564,87 @@ def read_approvers_file(path: Path) -> ApproversFile:
         raise ContractError(f"The approvers file {path} is invalid: {_validation_problems(exc)}.") from None
 
 
-def load_trust_policy(path: Path | None) -> TrustPolicy:
-    if path is None:
-        return TrustPolicy()
-    doc = read_approvers_file(path)
-    policy = TrustPolicy(required_signatures=doc.required_signatures, allow_self_approval=doc.allow_self_approval,
-                         source=Path(path))
-    for entry in doc.revoked:
-        policy.revoked[entry.key_id] = entry
-    names: dict[str, str] = {}
+def _approvers_of(doc: ApproversFile, path: Path) -> dict[str, Approver]:
+    out: dict[str, Approver] = {}
     for entry in doc.approvers:
         check_name(entry.name)
         pk = parse_public_key(entry.public_key, f"public key of {entry.name!r} in {path}")
         kid = key_id(pk)
-        policy.approvers[kid] = Approver(entry.name, pk, kid)
-        names.setdefault(entry.name, kid)
+        out[kid] = Approver(entry.name, pk, kid)
+    return out
+
+
+def load_trust_policy(path: Path | None) -> TrustPolicy:
+    """One trust file on its own (as the user's file: an unset ``allow_self_approval`` is false)."""
+    if path is None:
+        return TrustPolicy()
+    doc = read_approvers_file(path)
+    policy = TrustPolicy(required_signatures=doc.required_signatures, allow_self_approval=bool(doc.allow_self_approval),
+                         source=Path(path), max_validity_days=doc.max_validity_days or DEFAULT_MAX_VALIDITY_DAYS,
+                         sources=(f"{path} (user)",))
+    for entry in doc.revoked:
+        policy.revoked[entry.key_id] = entry
+    for kid, approver in _approvers_of(doc, Path(path)).items():
+        if kid not in policy.revoked:
+            policy.approvers[kid] = approver
     return policy
+
+
+def resolve_trust_policy(recipe_dir: Path | None = None, explicit: Path | None = None) -> TrustPolicy:
+    """The one trust resolution that ``run`` and ``contract verify`` share.
+
+    The user's file (:func:`user_approvers_file`) is authoritative. A project file
+    (``<recipe folder>/.scaler-wizard/approvers.yaml``, which anyone who can write the project can
+    create) is merged in only as *restrictions*: its ``required_signatures`` can raise k, its
+    ``approvers`` list can narrow who counts (keys the user does not trust are ignored, never
+    added), ``allow_self_approval: false`` switches self-approval off (true never switches it on),
+    ``max_validity_days`` can shorten the validity window, and its revocations are added (a
+    revocation is never undone by any file). ``sources`` names every file read; ``notes`` lists
+    what the project file asked for and was not granted."""
+    user_path = user_approvers_file(explicit)
+    policy = load_trust_policy(user_path)
+    project = project_approvers_file(recipe_dir)
+    if project is None:
+        return policy
+    doc = read_approvers_file(project)
+    notes: list[str] = []
+    revoked = dict(policy.revoked)
+    for entry in doc.revoked:
+        revoked.setdefault(entry.key_id, entry)
+    approvers = {k: a for k, a in policy.approvers.items() if k not in revoked}
+    if doc.approvers:
+        listed = _approvers_of(doc, project)
+        for kid, a in listed.items():
+            if kid not in approvers:
+                notes.append(f"{project} lists {a.name!r} (key {kid}), who is not trusted by the user's file: ignored")
+        approvers = {k: a for k, a in approvers.items() if k in listed}
+    allow = policy.allow_self_approval
+    if doc.allow_self_approval is False:
+        allow = False
+    elif doc.allow_self_approval and not allow:
+        notes.append(f"{project} asks to allow self-approval; only the user's own file can allow it: ignored")
+    validity = policy.max_validity_days
+    if doc.max_validity_days is not None:
+        if doc.max_validity_days > validity:
+            notes.append(f"{project} asks for a longer maximum validity ({doc.max_validity_days} days): ignored")
+        validity = min(validity, doc.max_validity_days)
+    return TrustPolicy(
+        approvers=approvers, revoked=revoked, required_signatures=max(policy.required_signatures, doc.required_signatures),
+        allow_self_approval=allow, source=policy.source, max_validity_days=validity,
+        sources=(*(policy.sources or ("(no user approvers file)",)), f"{project} (project: restrictions only)"),
+        notes=tuple(notes),
+    )
 
 
 def write_approvers_file(path: Path, doc: ApproversFile) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = "# Trusted approvers of Scaler Wizard contracts. Whoever can edit this file decides who may approve runs.\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(header + yaml.safe_dump(doc.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    data = doc.model_dump(mode="json")
+    for optional in ("allow_self_approval", "max_validity_days"):
+        if data.get(optional) is None:
+            data.pop(optional, None)
+    write_text_atomic(path, header + yaml.safe_dump(data, sort_keys=False), mode=0o644)
 
 
 def add_trusted_approver(path: Path, name: str, public_key: str) -> Approver:
@@ -523,6 +696,25 @@ class DataIdentity(_Strict):
     sha256: str = Field(description="sha256 of the canonical JSON of files")
 
 
+BOUND_ROLES = ("model", "teacher", "data", "distill_cache", "probe_code")
+
+
+class BoundFile(_Strict):
+    """One file whose bytes decide what is trained or evaluated. Its path is ``root`` (the value as
+    written in the recipe: model.path, a data entry, distillation.teacher_path / cache, a probe
+    dir) resolved like the recipe resolves it, then ``rel`` inside it ('' when root is a file)."""
+
+    role: Literal["model", "teacher", "data", "distill_cache", "probe_code"]
+    root: str
+    rel: str = ""
+    bytes: int = Field(ge=0)
+    sha256: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.role} {self.root}{'/' + self.rel if self.rel else ''}"
+
+
 class Scope(_Strict):
     """What the run may do. Enforced at start and again at every stage boundary."""
 
@@ -536,6 +728,9 @@ class Scope(_Strict):
     max_steps: int = Field(ge=1, description="optimizer steps over the whole run, gate extensions included")
     max_tokens: int = Field(ge=1, description="training tokens over the whole run")
     max_wall_time_s: int = Field(ge=1)
+    files: list[BoundFile] = Field(
+        min_length=1, description="every file that decides what is trained and evaluated, by content: all "
+        "loadable files of the model folder, the data, the teacher folder, the offline cache, drop-in probe code")
 
 
 class RollbackPlan(_Strict):
@@ -547,7 +742,7 @@ class RollbackPlan(_Strict):
 class ContractBody(_Strict):
     """Everything that is signed."""
 
-    contract_version: Literal[1] = CONTRACT_VERSION
+    contract_version: Literal[2] = CONTRACT_VERSION
     contract_id: str
     session_id: str = Field(description="the run id this contract authorises (one run)")
     authorized_by: list[str] = Field(min_length=1, description="the people whose signatures count")
@@ -562,6 +757,10 @@ class ContractBody(_Strict):
     @model_validator(mode="after")
     def _coherent(self) -> ContractBody:
         problems = []
+        if not valid_run_id(self.session_id):
+            problems.append(
+                "session_id must be a plain run name (1-64 letters, digits, '.', '_' or '-', starting with a letter or "
+                "digit, no '..'), never a path")
         if not _HEX64_RE.match(self.recipe_digest):
             problems.append("recipe_digest must be 64 lowercase hex digits (Recipe.digest())")
         if len(set(self.authorized_by)) != len(self.authorized_by):
@@ -611,6 +810,13 @@ def parse_contract(data: bytes | str, source: str = "<contract>") -> Contract:
     version = doc.get("contract_version")
     if version is None:
         raise ContractError(f"The contract {source} has no contract_version; it is not a Scaler Wizard contract.")
+    if version in LEGACY_CONTRACT_VERSIONS and not isinstance(version, bool):
+        raise ContractError(
+            f"The contract {source} has contract_version {version}, whose scope binds only config.json and the "
+            "*.safetensors weights (not the tokenizer, chat templates, teacher, offline cache or probe code); this "
+            f"Scaler Wizard accepts version {CONTRACT_VERSION} only.",
+            hint="Draft it again with `scaler-wizard contract draft RECIPE` and have it signed.",
+        )
     if version not in SUPPORTED_CONTRACT_VERSIONS or isinstance(version, bool):
         raise ContractError(
             f"The contract {source} has contract_version {version!r}; this Scaler Wizard reads versions "
@@ -678,12 +884,25 @@ def dump_detached(contract: Contract) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str, mode: int = 0o600) -> None:
+    """Write a temporary file created exclusively (never through a planted symlink) with ``mode``,
+    fsync it, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(text.encode("utf-8"))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 # ------------------------------------------------------------------------------------------
@@ -692,12 +911,58 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def _file_digest(path: Path, name: str) -> FileDigest:
-    return FileDigest(name=name, bytes=path.stat().st_size, sha256=sha256_file(path))
+    size, digest = hash_regular(path, f"file {name}")
+    return FileDigest(name=name, bytes=size, sha256=digest)
+
+
+# Weight formats Scaler Wizard never loads (safetensors only): not part of a model folder's identity.
+UNLOADED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".h5", ".msgpack", ".onnx", ".gguf", ".ot")
+
+
+def tree_files(root: Path, what: str, *, skip_suffixes: tuple[str, ...] = (), skip_dirs: tuple[str, ...] = ()
+               ) -> list[tuple[str, Path]]:
+    """(relative posix name, path) of every regular file under ``root`` (or ``("", root)`` for a file),
+    sorted. Hidden entries (``.git``, ``.cache``...) and ``skip_dirs`` are left out. A symlink, FIFO,
+    socket or device inside is refused: what is bound must be a plain file that cannot be re-pointed."""
+    root = Path(root)
+    try:
+        st = root.stat()
+    except FileNotFoundError:
+        raise ContractError(f"Cannot identify the {what}: {root} does not exist.") from None
+    if stat.S_ISREG(st.st_mode):
+        return [("", root)]
+    if not stat.S_ISDIR(st.st_mode):
+        raise ContractError(f"Cannot identify the {what}: {root} is neither a file nor a folder.")
+    out: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith(".") or d in skip_dirs:
+                continue
+            if (here / d).is_symlink():
+                raise ContractError(f"The {what} contains a symbolic link {here / d}; it is refused (a link can be "
+                                    "re-pointed after signing). Copy the real folder in.")
+            keep.append(d)
+        dirnames[:] = keep
+        for f in filenames:
+            if f.startswith(".") or f.endswith(skip_suffixes):
+                continue
+            path = here / f
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                raise ContractError(f"The {what} contains a symbolic link {path}; it is refused (a link can be "
+                                    "re-pointed after signing). Copy the real file in.")
+            if not stat.S_ISREG(mode):
+                raise ContractError(f"The {what} contains {path}, which is not a regular file; it is refused.")
+            out.append((path.relative_to(root).as_posix(), path))
+    return sorted(out)
 
 
 def model_identity(model_dir: Path, path_value: str) -> ModelIdentity:
     """sha256 of config.json plus name, size and sha256 of every weight file (``*.safetensors`` and the
-    shard index). Weights are hashed in full: an edited shard of the same size must not pass."""
+    shard index). Weights are hashed in full: an edited shard of the same size must not pass. (The
+    scope's ``files`` bind every other loadable file of the folder too.)"""
     model_dir = Path(model_dir)
     config = model_dir / "config.json"
     if not config.is_file():
@@ -708,7 +973,7 @@ def model_identity(model_dir: Path, path_value: str) -> ModelIdentity:
         weight_files.append(index)
     if not weight_files:
         raise ContractError(f"Cannot identify the model: {model_dir} holds no *.safetensors weights.")
-    config_sha = sha256_file(config)
+    config_sha = sha256_file(config, "model config")
     weights = [_file_digest(p, p.name) for p in weight_files]
     digest = sha256_hex(canonical_json({"config_sha256": config_sha, "weights": [w.model_dump() for w in weights]}))
     return ModelIdentity(path=path_value, config_sha256=config_sha, weights=weights, sha256=digest)
@@ -719,15 +984,190 @@ def data_identity(recipe: Recipe, recipe_dir: Path) -> DataIdentity:
     files: list[FileDigest] = []
     for value in [*recipe.data.train, *recipe.data.eval]:
         path = resolve_path(value, recipe_dir)
-        if path.is_file():
-            files.append(_file_digest(path, value))
-        elif path.is_dir():
-            for p in sorted(q for q in path.rglob("*") if q.is_file()):
-                files.append(_file_digest(p, f"{value}/{p.relative_to(path).as_posix()}"))
-        else:
+        if not path.exists():
             raise ContractError(f"Cannot identify the data: {value} ({path}) does not exist.")
+        for rel, p in tree_files(path, f"data {value}"):
+            files.append(_file_digest(p, f"{value}/{rel}" if rel else value))
     digest = sha256_hex(canonical_json([f.model_dump() for f in files]))
     return DataIdentity(files=files, sha256=digest)
+
+
+def bound_roots(recipe: Recipe) -> list[tuple[str, str]]:
+    """(role, recipe value) of every file or folder whose content decides the run."""
+    roots = [("model", recipe.model.path)]
+    roots += [("data", v) for v in [*recipe.data.train, *recipe.data.eval]]
+    d = recipe.distillation
+    if d.teacher_path and (d.enabled or d.teacher == "model"):
+        roots.append(("teacher", d.teacher_path))
+    if d.cache and (d.enabled or d.teacher == "offline"):
+        roots.append(("distill_cache", d.cache))
+    roots += [("probe_code", v) for v in recipe.evaluation.probe_dirs]
+    return roots
+
+
+def bound_files(recipe: Recipe, recipe_dir: Path) -> list[BoundFile]:
+    """Every file in :func:`bound_roots`, hashed now (read once through a no-follow descriptor).
+    Model and teacher folders: every file that can load (config, weights, tokenizer*, special tokens,
+    generation config, chat templates, ``*.jinja``...), i.e. all but hidden entries and pickle-format
+    weights, which are never loaded. Probe folders: all but ``__pycache__`` (probe code must be
+    loaded from the verified source, never from cached bytecode)."""
+    out: list[BoundFile] = []
+    seen: set[tuple[str, str, str]] = set()
+    for role, value in bound_roots(recipe):
+        path = resolve_path(value, recipe_dir)
+        skip_suffixes = UNLOADED_SUFFIXES if role in ("model", "teacher") else ()
+        skip_dirs = ("__pycache__",) if role == "probe_code" else ()
+        for rel, p in tree_files(path, f"{role.replace('_', ' ')} {value}", skip_suffixes=skip_suffixes,
+                                 skip_dirs=skip_dirs):
+            if (role, value, rel) in seen:
+                continue
+            seen.add((role, value, rel))
+            size, digest = hash_regular(p, f"{role} file {p}")
+            out.append(BoundFile(role=role, root=value, rel=rel, bytes=size, sha256=digest))
+    return out
+
+
+def bound_path(f: BoundFile, recipe_dir: Path) -> Path:
+    base = resolve_path(f.root, recipe_dir)
+    return base / f.rel if f.rel else base
+
+
+def compare_bound_files(approved: list[BoundFile], actual: list[BoundFile]) -> None:
+    """Every approved file is present with its approved bytes, and nothing was added."""
+    key = lambda f: (f.role, f.root, f.rel)  # noqa: E731
+    a, b = {key(f): f for f in approved}, {key(f): f for f in actual}
+    for k in sorted(set(a) | set(b)):
+        if k not in b:
+            raise ContractError(f"The {a[k].label} approved in the contract is missing now.",
+                                hint="Restore the approved file, or draft and sign a new contract.")
+        if k not in a:
+            raise ContractError(f"The {b[k].label} was not part of the approved scope; it was added after signing.",
+                                hint="Remove it, or draft and sign a new contract.")
+        if a[k].sha256 != b[k].sha256 or a[k].bytes != b[k].bytes:
+            raise ContractError(
+                f"The {a[k].label} changed after the contract was signed (sha256 {a[k].sha256[:12]}..., "
+                f"{a[k].bytes} bytes approved; now {b[k].sha256[:12]}..., {b[k].bytes} bytes). The approval does not "
+                "cover it.",
+                hint="Restore the approved file, or draft and sign a new contract.",
+            )
+
+
+# ------------------------------------------------------------------------------------------
+# Using exactly the approved bytes (time of check = time of use)
+# ------------------------------------------------------------------------------------------
+
+
+class VerifiedScope:
+    """The approved files of a run by absolute path, to read them as approved.
+
+    ``read_verified(path)`` opens the file once without following a symlink (regular files only,
+    checked on the descriptor), reads it into memory, hashes *those* bytes and returns them only if
+    they are the approved ones: the caller parses exactly the bytes that were checked, so swapping
+    the file (or a symlinked folder above it) after the check changes nothing. ``materialize``
+    copies a whole approved root (model folder, teacher, data, probe dir) into a private folder,
+    hashing while copying, for loaders that need a path (``from_pretrained``, ``datasets``)."""
+
+    def __init__(self, files: list[BoundFile], recipe_dir: Path):
+        self.recipe_dir = Path(recipe_dir)
+        self.files = list(files)
+        self._by_path: dict[str, BoundFile] = {}
+        for f in self.files:
+            self._by_path[os.path.abspath(bound_path(f, self.recipe_dir))] = f
+        self.reads: list[tuple[str, str]] = []  # (label, sha256) of every verified read, for the audit
+
+    @classmethod
+    def of(cls, scope: Scope, recipe_dir: Path) -> VerifiedScope:
+        return cls(scope.files, recipe_dir)
+
+    def entry(self, path: Path | str) -> BoundFile:
+        f = self._by_path.get(os.path.abspath(path))
+        if f is None:
+            raise ContractError(f"{path} is not part of the approved scope; it is not read.",
+                                hint="Only files hashed into the signed contract are used by the run.")
+        return f
+
+    def read_verified(self, path: Path | str) -> bytes:
+        f = self.entry(path)
+        data = read_regular(path, f.label)
+        digest = sha256_hex(data)
+        if len(data) != f.bytes or digest != f.sha256:
+            raise ContractError(
+                f"The {f.label} changed after the contract was signed (sha256 {f.sha256[:12]}..., {f.bytes} bytes "
+                f"approved; read {digest[:12]}..., {len(data)} bytes). The approval does not cover it; the run stops.",
+                hint="Restore the approved file, or draft and sign a new contract.",
+            )
+        self.reads.append((f.label, digest))
+        return data
+
+    def roots(self, role: str) -> list[str]:
+        return list(dict.fromkeys(f.root for f in self.files if f.role == role))
+
+    def materialize(self, role: str, root: str, dest: Path | None = None) -> Path:
+        """A private copy (folder mode 0700, files 0600) of the approved files under ``root``, made from
+        bytes hashed while copying; returns the copy's path (the file itself for a single-file root).
+        Anything not approved is absent from the copy; any mismatch removes the copy and raises."""
+        files = [f for f in self.files if f.role == role and f.root == root]
+        if not files:
+            raise ContractError(f"No approved {role} files under {root!r}.")
+        dest = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix="scaler-wizard-verified-"))
+        dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            for f in files:
+                name = f.rel or Path(f.root).name or "file"
+                target = dest / name
+                target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                self._copy_verified(f, target)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        single = len(files) == 1 and not files[0].rel
+        return dest / (Path(files[0].root).name or "file") if single else dest
+
+    def _copy_verified(self, f: BoundFile, target: Path) -> None:
+        src = bound_path(f, self.recipe_dir)
+        h, n = hashlib.sha256(), 0
+        fd = open_regular(src, f.label)
+        out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        with os.fdopen(fd, "rb") as fh, os.fdopen(out, "wb") as wh:
+            for chunk in iter(lambda: fh.read(_CHUNK), b""):
+                h.update(chunk)
+                n += len(chunk)
+                wh.write(chunk)
+        if n != f.bytes or h.hexdigest() != f.sha256:
+            raise ContractError(
+                f"The {f.label} changed after the contract was signed (read {h.hexdigest()[:12]}..., {n} bytes; "
+                f"approved {f.sha256[:12]}..., {f.bytes} bytes). The run stops.",
+                hint="Restore the approved file, or draft and sign a new contract.")
+        self.reads.append((f.label, f.sha256))
+
+    def check_all(self) -> None:
+        """Re-hash every approved file from disk now (stage boundaries): raises on any change."""
+        for f in self.files:
+            path = bound_path(f, self.recipe_dir)
+            size, digest = hash_regular(path, f.label)
+            if size != f.bytes or digest != f.sha256:
+                raise ContractError(
+                    f"The {f.label} changed after the contract was signed (sha256 {f.sha256[:12]}... approved; now "
+                    f"{digest[:12]}...). The run stops here.",
+                    hint="Restore the approved file, or draft and sign a new contract.")
+
+    @property
+    def data_sha256(self) -> str:
+        """The data identity of the approved data files, in the order DataIdentity uses."""
+        files = [FileDigest(name=f"{f.root}/{f.rel}" if f.rel else f.root, bytes=f.bytes, sha256=f.sha256)
+                 for f in self.files if f.role == "data"]
+        return sha256_hex(canonical_json([x.model_dump() for x in files]))
+
+
+def read_verified(scope: Scope | VerifiedScope, path: Path | str, recipe_dir: Path | None = None) -> bytes:
+    """The bytes of ``path`` if and only if they are the approved ones (see :class:`VerifiedScope`)."""
+    if isinstance(scope, Scope):
+        if recipe_dir is None:
+            raise ValueError("read_verified(Scope, path) needs recipe_dir")
+        scope = VerifiedScope.of(scope, recipe_dir)
+    return scope.read_verified(path)
 
 
 # ------------------------------------------------------------------------------------------
@@ -770,6 +1210,7 @@ def plan_scope(recipe: Recipe, recipe_dir: Path, max_wall_time_s: int) -> Scope:
         max_steps=attempts * sum(budgets),
         max_tokens=attempts * sum(b * n * per_step for b, n in zip(budgets, lengths)),
         max_wall_time_s=int(max_wall_time_s),
+        files=bound_files(recipe, recipe_dir),
     )
 
 
@@ -786,6 +1227,7 @@ def draft_contract(
     run_id: str | None = None,
     required_signatures: int = 1,
     valid_for: timedelta = timedelta(days=7),
+    max_validity: timedelta = timedelta(days=DEFAULT_MAX_VALIDITY_DAYS),
     not_before: datetime | None = None,
     max_wall_time_s: int = 24 * 3600,
     rollback: RollbackPlan | None = None,
@@ -798,7 +1240,20 @@ def draft_contract(
         check_name(name)
     if recipe.run.run_id and run_id and run_id != recipe.run.run_id:
         raise ContractError(f"The run id {run_id!r} differs from the recipe's run.run_id {recipe.run.run_id!r}.")
+    if run_id is not None:
+        check_run_id(run_id, "run id")
+    if not isinstance(valid_for, timedelta) or valid_for <= timedelta(0):
+        raise ContractError("A contract's validity must be a positive duration.")
+    if valid_for > max_validity:
+        raise ContractError(
+            f"A validity of {valid_for.total_seconds() / 86400:g} days is longer than the maximum of "
+            f"{max_validity.days} days (trust policy max_validity_days); an approval is for a run soon, not for "
+            "years.", hint="Pass a shorter --valid-days.")
     start = not_before or now
+    try:
+        start + valid_for
+    except OverflowError:
+        raise ContractError("The contract's validity window ends beyond the year 9999.") from None
     try:
         body = ContractBody(
             contract_id=str(uuid.uuid4()),
@@ -928,6 +1383,13 @@ def verify_contract(contract: Contract, trust: TrustPolicy, *, now: datetime | N
             hint="Draft the contract again and sign it.",
         )
     start, end = parse_time(body.approved_at), parse_time(body.expires_at)
+    if end - start > trust.max_validity:
+        raise ContractError(
+            f"The contract is valid from {body.approved_at} to {body.expires_at}, "
+            f"{(end - start).total_seconds() / 86400:g} days, longer than the maximum of {trust.max_validity_days} "
+            f"days set by the trust policy ({trust.describe_source()}).",
+            hint="Draft and sign a contract with a shorter --valid-days.",
+        )
     if now + CLOCK_SKEW < start:
         raise ContractError(
             f"The contract is not valid yet: it starts at {body.approved_at} and it is now {format_time(now)}.",
@@ -962,6 +1424,7 @@ def _compare_files(kind: str, approved: list[FileDigest], actual: list[FileDiges
 def check_bindings(body: ContractBody, recipe: Recipe, recipe_dir: Path, run_id: str) -> Scope:
     """The contract approves exactly this run, this recipe, this model and this data.
     Returns the scope the recipe needs (checked to lie within the approved one)."""
+    check_run_id(run_id)
     if body.session_id != run_id:
         raise ContractError(
             f"The contract authorises run {body.session_id!r}, not this run {run_id!r}; a contract is good for one run.",
@@ -987,6 +1450,7 @@ def check_bindings(body: ContractBody, recipe: Recipe, recipe_dir: Path, run_id:
         )
     _compare_files("model weight", approved.model.weights, needed.model.weights)
     _compare_files("data", approved.data.files, needed.data.files)
+    compare_bound_files(approved.files, needed.files)
     _check_plan_within(needed, approved)
     return needed
 
@@ -1061,6 +1525,19 @@ __all__ = [
     "dump_detached",
     "ensure_local_key",
     "find_approvers_file",
+    "BoundFile",
+    "VerifiedScope",
+    "bound_files",
+    "check_run_id",
+    "compare_bound_files",
+    "hash_regular",
+    "open_regular",
+    "project_approvers_file",
+    "read_regular",
+    "read_verified",
+    "resolve_trust_policy",
+    "user_approvers_file",
+    "valid_run_id",
     "generate_keypair",
     "key_id",
     "load_contract",

@@ -27,9 +27,9 @@ from .contract import (
     dump_detached,
     find_approvers_file,
     generate_keypair,
+    resolve_trust_policy,
     load_contract,
     load_private_key,
-    load_trust_policy,
     local_approver_name,
     parse_time,
     private_key_is_encrypted,
@@ -103,9 +103,18 @@ def draft(
             start = parse_time(not_before)
         except ValueError:
             raise ContractError(f"--not-before {not_before!r} is not an RFC 3339 time (2025-01-31T12:00:00Z).") from None
+    trust = resolve_trust_policy(folder)
+    if not valid_days <= trust.max_validity_days:  # also NaN and values timedelta cannot hold
+        raise ContractError(
+            f"--valid-days {valid_days:g} is longer than the maximum of {trust.max_validity_days} days set by the "
+            f"trust policy ({trust.describe_source()}); an approval is for a run soon, not for years.",
+            hint="Pass a shorter --valid-days (max_validity_days in your approvers file sets the limit).")
+    if not 0 < max_wall_hours <= 24 * 366:
+        raise ContractError(f"--max-wall-hours {max_wall_hours:g} must be between 0 and {24 * 366}.")
     contract = draft_contract(
         parsed, folder, authorized_by=list(approver or [local_approver_name()]), run_id=run_id,
         required_signatures=required, valid_for=timedelta(days=valid_days), not_before=start,
+        max_validity=trust.max_validity,
         max_wall_time_s=int(max_wall_hours * 3600), rollback=RollbackPlan(to=rollback, snapshot=snapshot),
     )
     target = out or recipe.with_name(recipe.stem + ".contract.yaml")
@@ -157,7 +166,11 @@ def verify(
         from ..recipe import load_recipe
 
         parsed, folder = load_recipe(str(recipe))
-    trust = load_trust_policy(find_approvers_file(folder, approvers))
+    # the same resolution as `scaler-wizard run`: the user's file, restricted by the recipe's project file
+    trust = resolve_trust_policy(folder if folder is not None else _project_dir_of(contract), approvers)
+    console.print(f"trusted approvers: {trust.describe_source()}", highlight=False, markup=False)
+    for note in trust.notes:
+        console.print(f"  note: {note}", highlight=False, markup=False)
     doc = load_contract(contract, signature)
     verified = verify_contract(doc, trust)
     if parsed is not None:
@@ -167,6 +180,12 @@ def verify(
     console.print(f"contract digest {verified.digest}")
     if parsed is not None:
         console.print("recipe, model and data match the contract")
+
+
+def _project_dir_of(contract: Path) -> Path | None:
+    """Without --recipe, the project whose restrictions apply is the contract's own folder (a run
+    applies the recipe folder's; pass --recipe to check exactly what `run` will)."""
+    return Path(contract).parent
 
 
 @contract_app.command()
@@ -199,12 +218,14 @@ def _detail(rec: dict) -> str:
                 f"{'; SELF-APPROVED' if rec.get('self_approved') else ''}")
     if event == "self_approval":
         return f"self-approval ({rec.get('mode')}), key {rec.get('key_id')}"
-    if event == "token_issued":
+    if event == "token_issued":  # audit logs written before issue 14
         return f"token {rec.get('token_id')} expires {rec.get('expires_at')}"
+    if event == "grant_issued":
+        return f"grant {rec.get('grant_id')} (contract {str(rec.get('contract_digest', ''))[:16]}...) expires {rec.get('expires_at')}"
     if event == "scope_checked":
         return f"stage {rec.get('stage')} @ {rec.get('stage_length')}: {rec.get('steps_so_far')} + {rec.get('stage_steps')} steps"
     if event == "run_closed":
-        return f"run {rec.get('outcome')}; token {rec.get('token_id')} closed"
+        return f"run {rec.get('outcome')}; grant {rec.get('grant_id') or rec.get('token_id')} closed"
     return ""
 
 
