@@ -39,7 +39,8 @@ def child(mode: str, steps: list[int] | None, quick: bool, runs_dir: Path, cache
     import torch
     from transformers import AutoModelForCausalLM
 
-    from scaler_wizard.pipeline import peak_rss_gb, run
+    from scaler_wizard.pipeline import run
+    from scaler_wizard.run_record import peak_rss_gb
     from scaler_wizard.recipe import resolve_path
 
     def override(recipe):

@@ -75,7 +75,7 @@ def test_two_processes_same_loss_curve_and_main_process_writes(setup):
     assert status["state"] == "completed" and status["processes"] == 2
     assert (runs / "two" / "summary.json").exists() and (runs / "two" / "adapter").is_dir()
     audit = [json.loads(x)["event"] for x in (runs / "two" / "contract" / "audit.jsonl").read_text().splitlines()]
-    assert audit.count("token_issued") == 1  # one approval, by the main process
+    assert audit.count("grant_issued") == 1  # one approval, by the main process
     from scaler_wizard.cache.checkpoints import CheckpointCache
 
     snaps = CheckpointCache(runs / ".checkpoints").list("two")

@@ -77,7 +77,7 @@ def test_no_approval_means_no_model_loaded_and_no_step(tmp_path, tiny_model_dir,
     from scaler_wizard.errors import ContractError
 
     loaded = []
-    monkeypatch.setattr(pipeline, "load_model_and_tokenizer", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr(pipeline, "load_causal_lm", lambda *a, **k: loaded.append(1))
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, tmp_path / "runs")
     with pytest.raises(ContractError):
         run(recipe)

@@ -93,7 +93,7 @@ def test_resumed_run_matches_uninterrupted_losses(tmp_path, monkeypatch, referen
     resumed_at = status["resumes"][0]["step"]
     assert resumed_at == {5: 3, 12: 10}[crash_call]
     audit = [json.loads(line)["event"] for line in (run_dir / "contract" / "audit.jsonl").read_text().splitlines()]
-    assert "resume_requested" in audit and audit.count("token_issued") == 2
+    assert "resume_requested" in audit and audit.count("grant_issued") == 2
     # the envelope's loss window went on from the snapshot instead of restarting empty
     from scaler_wizard.cache.checkpoints import CheckpointCache
     from scaler_wizard.cache.state import read_data_position

@@ -15,7 +15,7 @@ from scaler_wizard.data import TASK_LM, TASK_PADDING, TASK_PASSKEY, StageRows, b
 from scaler_wizard.distill.replay import NOT_REPLAY, mix_replay, sample_short_rows
 from scaler_wizard.evaluation.passkey import PasskeyBuilder
 from scaler_wizard.losses.chunked_ce import IGNORE_INDEX, chunked_token_ce, target_task, task_balanced_mean
-from scaler_wizard.training.stage_trainer import causal_lm_parts
+from scaler_wizard.models import decoder_and_head as causal_lm_parts
 
 PAD = 0
 ROOT = Path(__file__).resolve().parents[1]

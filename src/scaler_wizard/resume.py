@@ -29,6 +29,9 @@ class RunPosition:
     ``complete``: the stage ``stage`` is finished (probed, gated); the next stage starts fresh.
     Otherwise attempt ``attempt`` of stage ``stage`` had taken ``stage_step`` optimizer steps
     (0: the stage-start snapshot), having begun at global step ``attempt_start_step``.
+    ``model_length``: the length whose position encoding the snapshot's weights go with (a
+    resumed run applies it before anything else, so weights and positions stay a pair);
+    ``finished``: the stage loop is over (every stage ran, or a gate ended the run).
     """
 
     stage: int
@@ -45,6 +48,8 @@ class RunPosition:
     outcomes: list[dict[str, Any]] = field(default_factory=list)
     first_losses: list[float] = field(default_factory=list)
     last_losses: list[float] = field(default_factory=list)
+    model_length: int = 0
+    finished: bool = False
     schema_version: int = POSITION_SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:

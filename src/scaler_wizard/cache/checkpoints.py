@@ -48,11 +48,12 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import InputError, ScalerWizardError
+from ..fsutil import sha256_file, utc_now
+from ..fsutil import fsync_dir as _fsync_dir
 
 try:  # POSIX advisory locks; on platforms without fcntl, commit and gc must not run concurrently.
     import fcntl
@@ -180,10 +181,6 @@ class GcReport:
 # ----------------------------------------------------------------------------- helpers
 
 
-def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def check_name(kind: str, value: str) -> str:
     """Run ids, snapshot ids and pin reasons become path components: allow only safe names."""
     if not isinstance(value, str) or not _SAFE_NAME.match(value):
@@ -232,23 +229,6 @@ def encode_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
 def marker_bytes(manifest_sha256: str) -> bytes:
     """The exact marker content: verify compares it byte for byte, so any flip in it is detected."""
     return f"scaler-wizard snapshot complete\nmanifest-sha256 {manifest_sha256}\n".encode("ascii")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    """Persist a directory entry (a rename or create inside ``path``)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_all(fh: Any, data: bytes | memoryview) -> None:
@@ -370,13 +350,13 @@ class CheckpointCache:
                 self._write_synced(staging / MANIFEST_NAME, body)
                 _fault_sleep()
                 self._write_synced(staging / MARKER_NAME, marker_bytes(hashlib.sha256(body).hexdigest()))
-                fsync_dir(staging)
+                _fsync_dir(staging, strict=True)
                 _fault_sleep()
                 final_parent = self.run_dir(run_id)
                 final_parent.mkdir(parents=True, exist_ok=True)
                 os.rename(staging, final_parent / snapshot_id)
-                fsync_dir(final_parent)
-                fsync_dir(self.snapshots_dir)
+                _fsync_dir(final_parent, strict=True)
+                _fsync_dir(self.snapshots_dir, strict=True)
             except BaseException as exc:
                 shutil.rmtree(staging, ignore_errors=True)
                 if not isinstance(exc, OSError):
@@ -423,7 +403,7 @@ class CheckpointCache:
             os.chmod(tmp, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
             _fault_sleep()
             os.rename(tmp, final)
-            fsync_dir(final.parent)
+            _fsync_dir(final.parent, strict=True)
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -642,7 +622,7 @@ class CheckpointCache:
             if target.exists():
                 target.rmdir()
             os.rename(staging, target)
-            fsync_dir(target.parent)
+            _fsync_dir(target.parent, strict=True)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -658,12 +638,12 @@ class CheckpointCache:
         """Protect a snapshot from eviction (an empty ``PIN-<reason>`` file; content untouched)."""
         p = snap.path / f"{PIN_PREFIX}{check_name('pin reason', reason)}"
         p.touch()
-        fsync_dir(snap.path)
+        _fsync_dir(snap.path, strict=True)
 
     def unpin(self, snap: SnapshotInfo, reason: str = "manual") -> None:
         with contextlib.suppress(FileNotFoundError):
             (snap.path / f"{PIN_PREFIX}{check_name('pin reason', reason)}").unlink()
-            fsync_dir(snap.path)
+            _fsync_dir(snap.path, strict=True)
 
     def mark_last_good(self, snap: SnapshotInfo) -> None:
         """Pin ``snap`` as its run's last good snapshot and release the previous last-good pin
@@ -765,7 +745,7 @@ class CheckpointCache:
                 break
             # Remove the marker first: a crash mid-delete leaves an incomplete (never chosen) folder.
             (snap.path / MARKER_NAME).unlink(missing_ok=True)
-            fsync_dir(snap.path)
+            _fsync_dir(snap.path, strict=True)
             shutil.rmtree(snap.path, ignore_errors=True)
             report.evicted.append(snap.ref)
             blobs, freed = self._remove_unreferenced_blobs()

@@ -149,11 +149,11 @@ def build_cache(
     from safetensors.torch import save_file
 
     from .. import __version__
-    from ..telemetry.sink import utc_now, write_json_atomic
-    from .teacher import output_head, run_decoder
+    from ..fsutil import utc_now, write_json_atomic
+    from ..models import decoder_and_head, frozen_output_head
 
     output_dir = Path(output_dir)
-    decoder, head = run_decoder(model), output_head(model)
+    decoder, head = decoder_and_head(model)[0], frozen_output_head(model)
     vocab = int(head.weight.shape[0])
     if not 0 < k <= vocab:
         raise DataError(f"k={k} must be between 1 and the teacher's vocabulary size {vocab}.")

@@ -30,13 +30,14 @@ from typing import Any
 import torch
 
 from ..errors import DataError, ModelLoadError, PlanError
+from ..models import decoder_and_head, frozen_output_head as output_head, unwrap as _unwrap
 from .losses import TeacherBatch, TeacherHidden, TeacherTopK
 from .offline_cache import OfflineCache
 
 TEACHER_MODES = ("base", "model", "offline")
 #: the key of the batch that names a row's index in the offline cache (-1: not a cached row)
 CACHE_ROW_KEY = "replay_index"
-MODEL_DTYPES = ("float32", "bfloat16", "float16")
+from ..models import MODEL_DTYPES  # noqa: E402,F401 - re-exported for callers
 
 
 # --------------------------------------------------------------------------------------------
@@ -44,26 +45,9 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16")
 # --------------------------------------------------------------------------------------------
 
 
-def _unwrap(model: Any) -> Any:
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def run_decoder(model: Any) -> Any:
     """The decoder stack that returns normalised final hidden states (``model.model`` for Llama)."""
-    base = _unwrap(model)
-    return getattr(base, base.base_model_prefix)
-
-
-def output_head(model: Any) -> torch.nn.Module:
-    """The base (frozen) output projection: through a LoRA layer on ``lm_head`` to its base layer
-    and through a ``modules_to_save`` wrapper to the original module."""
-    head = _unwrap(model).get_output_embeddings()
-    if hasattr(head, "get_base_layer"):
-        head = head.get_base_layer()
-    if hasattr(head, "original_module"):
-        head = head.original_module
-    return head
+    return decoder_and_head(model)[0]
 
 
 def vocab_size(model: Any) -> int:
@@ -272,24 +256,9 @@ def check_vocabulary(student: Any, teacher: Any, *, teacher_source: str,
 
 def load_teacher_model(path: Path, *, dtype: str = "float32", device: Any = None) -> tuple[Any, Any]:
     """A causal LM and its tokenizer from a local folder (safetensors only), frozen, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from ..models import load_causal_lm
 
-    from ..pipeline import check_model_dir
-
-    path = Path(path)
-    if dtype not in MODEL_DTYPES:
-        raise ModelLoadError(f"Teacher dtype {dtype!r} is not supported.", hint=f"Use one of {list(MODEL_DTYPES)}.")
-    check_model_dir(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=getattr(torch, dtype), local_files_only=True, use_safetensors=True
-        )
-    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad folder
-        raise ModelLoadError(
-            f"Could not load the teacher model in {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
-            hint="distillation.teacher_path must be a causal LM folder saved with save_pretrained().",
-        ) from None
+    model, tokenizer = load_causal_lm(Path(path), dtype=dtype, what="the teacher model (distillation.teacher_path)")
     model.requires_grad_(False)
     model.eval()
     if device is not None:

@@ -25,18 +25,14 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from ..fsutil import utc_now, write_json_atomic
 
 SCHEMA_VERSION = 1
 
 EventListener = Callable[[dict[str, Any]], Any]
-
-
-def utc_now() -> str:
-    """UTC RFC 3339 timestamp with microseconds and a ``Z`` suffix."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def non_finite_label(value: float) -> str | None:
@@ -188,44 +184,6 @@ def _drop_torn_tail(path: Path) -> int:
         fh.flush()
         os.fsync(fh.fileno())
         return size - keep
-
-
-def _fsync_dir(directory: Path) -> None:
-    """fsync a directory so a rename inside it survives a crash (no-op where unsupported)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, payload: Any, *, durable: bool = True) -> None:
-    """Write JSON to a temporary file, fsync, then rename over ``path`` (readers never see half a file).
-
-    The temporary name is unique per process and thread, so concurrent writers of the same
-    file cannot interleave into one temporary file; the last rename wins. ``durable=False``
-    skips both fsyncs: the replacement is still atomic for readers, but may be lost (the old
-    content survives) in a power cut — right for frequent, low-stakes updates.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=False, default=str)
-            fh.flush()
-            if durable:
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if durable:
-        _fsync_dir(path.parent)
 
 
 def append_jsonl(path: Path, record: dict[str, Any], *, fsync: bool = True) -> None:

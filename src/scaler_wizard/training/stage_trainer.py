@@ -28,16 +28,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, TrainerState
 
 from ..errors import PlanError
+from ..models import decoder_and_head
 from ..losses.chunked_ce import chunked_token_ce, target_task, task_balanced_mean
 from ..recipe import Recipe
-
-
-def causal_lm_parts(model: Any) -> tuple[Any, torch.nn.Module]:
-    """(decoder that returns normalised hidden states, output projection) for a causal LM,
-    through a PEFT wrapper if there is one."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = getattr(base, base.base_model_prefix)
-    return decoder, base.get_output_embeddings()
 
 
 class ScalingTrainer(Trainer):
@@ -87,7 +80,7 @@ class ScalingTrainer(Trainer):
         Packed rows (packing.py) carry per-document position_ids and no attention_mask:
         transformers then keeps attention inside each document (use_cache=False is required).
         """
-        decoder, head = causal_lm_parts(self.model)
+        decoder, head = decoder_and_head(self.model)
         kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask"),
                   "position_ids": inputs.get("position_ids"), "use_cache": False}
         if model is self.model:

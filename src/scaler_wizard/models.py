@@ -1,0 +1,171 @@
+"""Models in and out: check a folder, load a causal LM and its tokenizer, find its decoder and
+output head (through a PEFT wrapper), add capacity, export the merged result.
+
+Weights are read as safetensors only: a folder with pickle-only weights is refused, because
+unpickling can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelLoadError
+
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_model_dir(path: Path) -> None:
+    """A Hugging Face model folder with config, safetensors weights and a tokenizer."""
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"Model folder {path} does not exist.",
+            hint="Set model.path to a Hugging Face model folder (config.json, *.safetensors, tokenizer), "
+            "or builtin:demo for the embedded demo model.",
+        )
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    has_weights = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
+    if not has_weights:
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+            raise ModelLoadError(
+                f"Model folder {path} holds only pickle weights (*.bin/*.pt); Scaler Wizard reads safetensors only "
+                "because unpickling can run arbitrary code.",
+                hint="Convert once with transformers: AutoModelForCausalLM.from_pretrained(p).save_pretrained(p, "
+                "safe_serialization=True) on a machine where you trust the file.",
+            )
+        missing.append("*.safetensors")
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        missing.append("tokenizer.json (or tokenizer_config.json)")
+    if missing:
+        raise ModelLoadError(
+            f"Model folder {path} is missing {', '.join(missing)}.",
+            hint="Save the model and its tokenizer with save_pretrained() into that folder.",
+        )
+    try:
+        json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path / 'config.json'} is not valid JSON ({exc}).", hint="Restore the file.") from None
+
+
+def load_causal_lm(path: Path, *, dtype: str = "float32", attn_implementation: str | None = None,
+                   what: str = "the model") -> tuple[Any, Any]:
+    """(model, tokenizer) from a checked local folder; every transformers failure becomes a
+    :class:`ModelLoadError` naming the folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in MODEL_DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not supported for {what}.", hint=f"Use one of {list(MODEL_DTYPES)}.")
+    check_model_dir(path)
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "local_files_only": True, "use_safetensors": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except Exception as exc:  # transformers raises many types for a bad folder
+        raise ModelLoadError(
+            f"Could not load {what} in {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+            hint="Check that it is a causal language model saved with save_pretrained().",
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # The tokenizer's length limit is the old context; we tokenize whole documents into a stream.
+    tokenizer.model_max_length = int(1e12)
+    return model, tokenizer
+
+
+def unwrap(model: Any) -> Any:
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def decoder_and_head(model: Any) -> tuple[Any, Any]:
+    """(decoder that returns normalised final hidden states, output projection) of a causal LM,
+    through a PEFT wrapper if there is one (``model.model`` and ``lm_head`` for Llama)."""
+    base = unwrap(model)
+    decoder = getattr(base, getattr(base, "base_model_prefix", "model"), None)
+    if decoder is None:
+        raise ModelLoadError(f"{type(base).__name__} has no decoder attribute {base.base_model_prefix!r}.",
+                             hint="Scaler Wizard supports transformers' *ForCausalLM models.")
+    return decoder, base.get_output_embeddings()
+
+
+def frozen_output_head(model: Any) -> Any:
+    """The base (frozen) output projection: through a LoRA layer on ``lm_head`` to its base layer
+    and through a ``modules_to_save`` wrapper to the original module."""
+    head = unwrap(model).get_output_embeddings()
+    if hasattr(head, "get_base_layer"):
+        head = head.get_base_layer()
+    if hasattr(head, "original_module"):
+        head = head.original_module
+    return head
+
+
+def attach_strategy(recipe: Any, model: Any) -> Any:
+    """Add capacity through the strategy registry (``scaling/strategies.py``): PEFT LoRA
+    adapters (``lora``), new decoder blocks (``block_expansion``), or a plugin strategy from the
+    ``scaler_wizard.strategies`` entry points. Built-ins take their typed recipe section."""
+    from .scaling.strategies import get_strategy
+
+    return get_strategy(recipe.scaling.strategy).prepare(model, strategy_options(recipe))
+
+
+def strategy_options(recipe: Any) -> dict[str, Any]:
+    name = recipe.scaling.strategy
+    typed = {"lora": recipe.scaling.lora, "block_expansion": recipe.scaling.block_expansion}
+    return typed[name].model_dump() if name in typed else dict(recipe.scaling.options)
+
+
+def export_merged(model: Any, tokenizer: Any, out: Path, stream: list[int], length: int,
+                  save_dtype: str) -> dict[str, Any]:
+    """Merge the adapter (if any), save a plain model, reload it with plain transformers and
+    compare its logits with the training model's on one held-out window: the export is checked,
+    not assumed. A grown model (block expansion) is saved as it is, with its larger config.
+
+    The folder is written as ``<out>.partial`` and renamed once the reload check passed, so a
+    kill mid-export never leaves a folder that looks finished."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    window = torch.tensor([stream[:length]])
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=window.to(device)).logits.float().cpu()
+    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    merged.to(getattr(torch, save_dtype))
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    merged.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(partial), dtype=torch.float32, local_files_only=True)
+    with torch.no_grad():
+        after = reloaded(input_ids=window).logits.float()
+    diff = (before - after).abs().max().item()
+    publish_folder(partial, out)
+    return {"max_abs_logit_diff": diff, "tokens": int(window.numel()), "dtype": save_dtype}
+
+
+def save_adapter(model: Any, tokenizer: Any, out: Path) -> None:
+    """The PEFT adapter (safetensors), written aside and renamed into place."""
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    publish_folder(partial, out)
+
+
+def publish_folder(partial: Path, out: Path) -> None:
+    """Replace ``out`` by the finished ``partial`` folder (a resumed run rewrites its outputs)."""
+    from .fsutil import fsync_dir
+
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+    fsync_dir(out.parent)

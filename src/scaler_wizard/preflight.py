@@ -1,0 +1,205 @@
+"""Every input check in one place, before anything is written: the recipe's schema, then its
+meaning (model folder and config, context method and its parameters, strategy options, stage
+plan, probe files, data). ``scaler-wizard validate`` and ``run`` call the same function, and
+every problem is reported at once with its field path.
+
+Drop-in probe files are *read* here (parsed, never executed): user code runs only after the
+run has been approved.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import RecipeError, ScalerWizardError
+from .recipe import Recipe, load_recipe, resolve_path
+
+
+@dataclass
+class RunInputs:
+    """What a run is made of, checked: the recipe, where its paths resolve, the model folder and
+    config, the stage plan and the texts."""
+
+    recipe: Recipe
+    recipe_dir: Path
+    model_dir: Path
+    model_config: Any
+    base_length: int
+    stages: list[Any]
+    train_texts: list[str]
+    eval_texts: list[str]
+
+
+def check_recipe(recipe_path: str | Path | None) -> tuple[Recipe, Path]:
+    """The recipe's schema (pydantic; every problem with its field path)."""
+    return load_recipe(recipe_path)
+
+
+def check_inputs(recipe: Recipe, recipe_dir: Path, *, source: str, read_data: bool = True) -> RunInputs:
+    """The recipe's meaning. Raises :class:`RecipeError` listing every problem found (a model
+    problem stops the checks that need the model's config)."""
+    from .context.methods import base_context_length
+
+    problems: list[tuple[str, str]] = []
+    errors: list[ScalerWizardError] = []  # the typed errors behind the problems
+    model_dir = resolve_path(recipe.model.path, recipe_dir)
+    model_config = _collect(problems, "model.path", lambda: _model_config(model_dir), errors)
+    base_length = stages = None
+    if model_config is not None:
+        base_length = recipe.context.base_length or base_context_length(model_config)
+        _collect(problems, "context.method_params", lambda: _check_context_method(recipe, model_config, base_length),
+                 errors)
+        stages = _collect(problems, "context.schedule", lambda: _plan_stages(recipe, base_length), errors)
+    _collect(problems, "scaling.options" if recipe.scaling.strategy not in ("lora", "block_expansion")
+             else f"scaling.{recipe.scaling.strategy}", lambda: _check_strategy(recipe), errors)
+    for name, message in _check_probe_files(recipe, recipe_dir):
+        problems.append((name, message))
+    texts = None
+    if read_data:
+        texts = _collect(problems, "data", lambda: _read_texts(recipe, recipe_dir), errors)
+    if len(problems) == 1 and len(errors) == 1:
+        raise errors[0]  # one problem: its own type, message and hint
+    if problems:
+        raise RecipeError(source, problems)
+    train_texts, eval_texts = texts if texts is not None else ([], [])
+    return RunInputs(recipe, recipe_dir, model_dir, model_config, base_length, stages, train_texts, eval_texts)
+
+
+def _collect(problems: list[tuple[str, str]], field: str, check, errors: list[ScalerWizardError]) -> Any:
+    try:
+        return check()
+    except RecipeError as exc:
+        problems.extend(exc.problems)
+    except ScalerWizardError as exc:
+        errors.append(exc)
+        hint = f" ({exc.hint})" if getattr(exc, "hint", None) else ""
+        problems.append((field, f"{exc}{hint}"))
+    return None
+
+
+def _model_config(model_dir: Path) -> Any:
+    from transformers import AutoConfig
+
+    from .errors import ModelLoadError
+    from .models import check_model_dir
+
+    check_model_dir(model_dir)
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types
+        raise ModelLoadError(f"{model_dir / 'config.json'} is not a usable model config: {exc}") from None
+
+
+def _check_context_method(recipe: Recipe, model_config: Any, base_length: int) -> None:
+    """The method suits the model's position encoding, and its parameters are accepted and
+    produce a config for the target length (computed on a copy; nothing is applied)."""
+    from .context.methods import get_context_method, scaled_config
+    from .errors import PlanError
+
+    method = get_context_method(recipe.context.method, model_config)
+    try:
+        method.validate_params(dict(recipe.context.method_params))
+        scaled_config(copy.deepcopy(model_config), recipe.context.method, base_length,
+                      max(recipe.context.target_length, base_length + 1), dict(recipe.context.method_params))
+    except ScalerWizardError:
+        raise
+    except (TypeError, ValueError, KeyError) as exc:
+        raise PlanError(f"context.method_params {dict(recipe.context.method_params)} are not valid for "
+                        f"{recipe.context.method}: {exc}") from None
+
+
+def _plan_stages(recipe: Recipe, base_length: int) -> list[Any]:
+    from .context.schedule import build_stages
+
+    ev = recipe.evaluation
+    return build_stages(
+        base_length,
+        recipe.context.target_length,
+        recipe.context.method,
+        recipe.context.method_params,
+        recipe.training.steps_per_stage,
+        schedule=recipe.context.schedule,
+        passkey_min=ev.passkey.min_accuracy if ev.passkey.enabled else None,
+        ppl_max_ratio=ev.perplexity.max_ratio_to_base if ev.perplexity.enabled else None,
+        short_max_regression_pct=ev.short_context.max_regression_pct if ev.short_context.enabled else None,
+    )
+
+
+def _check_strategy(recipe: Recipe) -> None:
+    """The strategy exists and accepts its options (built-ins: their typed section; plugins:
+    ``scaling.options`` through the plugin's own ``options`` validator when it has one)."""
+    from .models import strategy_options
+    from .scaling.strategies import get_strategy
+
+    strategy = get_strategy(recipe.scaling.strategy)
+    validate = getattr(strategy, "options", None)
+    if callable(validate):
+        validate(strategy_options(recipe))
+
+
+def _check_probe_files(recipe: Recipe, recipe_dir: Path) -> list[tuple[str, str]]:
+    """Custom probes name a built-in, an entry point or a class in a drop-in file. Drop-in files
+    are parsed, not run: a class that sets ``name = "..."`` and defines ``run`` counts."""
+    if not recipe.evaluation.custom:
+        return []
+    from importlib import metadata
+
+    from .evaluation.probes import BUILTIN_PROBES
+    from .evaluation.registry import ENTRY_POINT_GROUP
+
+    problems: list[tuple[str, str]] = []
+    known = set(BUILTIN_PROBES) | {ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    for i, folder in enumerate(recipe.evaluation.probe_dirs):
+        path = resolve_path(folder, recipe_dir)
+        if not path.is_dir():
+            problems.append((f"evaluation.probe_dirs[{i}]", f"{path} is not a folder"))
+            continue
+        for file in sorted(path.glob("*.py")):
+            try:
+                known |= _probe_names_in(file)
+            except (SyntaxError, UnicodeDecodeError, OSError) as exc:
+                problems.append((f"evaluation.probe_dirs[{i}]", f"{file}: cannot be parsed ({exc})"))
+    for i, spec in enumerate(recipe.evaluation.custom):
+        if spec.name not in known:
+            problems.append((f"evaluation.custom[{i}].name",
+                             f"unknown probe {spec.name!r}; available: {', '.join(sorted(known))}"))
+    return problems
+
+
+def _probe_names_in(file: Path) -> set[str]:
+    tree = ast.parse(file.read_text(encoding="utf-8"), filename=str(file))
+    names = set()
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        has_run = any(isinstance(n, ast.FunctionDef) and n.name == "run" for n in node.body)
+        for n in node.body:
+            if (isinstance(n, ast.Assign) and has_run and len(n.targets) == 1
+                    and isinstance(n.targets[0], ast.Name) and n.targets[0].id == "name"
+                    and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)):
+                names.add(n.value.value)
+    return names
+
+
+def _read_texts(recipe: Recipe, recipe_dir: Path) -> tuple[list[str], list[str]]:
+    from .data import load_texts, split_heldout
+
+    train = load_texts([resolve_path(p, recipe_dir) for p in recipe.data.train], recipe.data.text_field)
+    if recipe.data.eval:
+        return train, load_texts([resolve_path(p, recipe_dir) for p in recipe.data.eval], recipe.data.text_field)
+    return split_heldout(train, recipe.data.eval_fraction, recipe.run.seed)
+
+
+def load_custom_probes(recipe: Recipe, recipe_dir: Path) -> list[Any]:
+    """Instances of the recipe's extra probes (entry points and drop-in folders). This runs the
+    drop-in code, so the pipeline calls it only after the run was approved."""
+    if not recipe.evaluation.custom:
+        return []
+    from .evaluation.registry import discover_probes
+
+    catalog = discover_probes([resolve_path(d, recipe_dir) for d in recipe.evaluation.probe_dirs])
+    return [catalog.create(spec.name, **spec.options) for spec in recipe.evaluation.custom]
