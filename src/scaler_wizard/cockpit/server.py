@@ -16,7 +16,15 @@ unauthenticated dashboard, CVE-2023-48022, and MLflow's path traversals are the 
 * state-changing routes are POST only and need both a same-origin ``Origin`` (or ``Referer``)
   and the CSRF token (``X-CSRF-Token``; an HMAC of the session token, handed out by
   ``/api/session`` which a cross-site page cannot read);
-* run and snapshot ids are validated and resolved inside the runs folder (``rundir.py``).
+* run and snapshot ids are validated and resolved inside the runs folder (``rundir.py``), and
+  every file under it is opened without following a symlink (``rundir.open_beneath``), for
+  reading, for the event stream and for the appends to ``control.jsonl`` and the audit log;
+* the refusal log is rate- and size-bounded (:class:`CockpitAudit`): a token bucket of
+  ``REFUSAL_RATE`` records per second (burst ``REFUSAL_BURST``), fields clipped, at most
+  ``AUDIT_LINE_MAX`` bytes a line, no fsync for refusals, one rotation at ``AUDIT_MAX_BYTES``, so an
+  unauthenticated flood cannot fill the disk (at most 2 x AUDIT_MAX_BYTES + 2 lines on disk);
+* a bind address that resolves to a wildcard (``0``, ``0x0``, ``0.0.0``, ``::0``...) is refused
+  unless ``--allowed-host`` names the hosts clients use; the socket binds the resolved address.
 
 Operator actions are appended to ``runs/<id>/control.jsonl`` (the job obeys them) and to the
 cockpit's audit log ``<runs_dir>/.cockpit/audit.jsonl``, where refused requests are recorded too.
@@ -27,7 +35,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import json
+import os
 import secrets
 import socket
 import threading
@@ -46,13 +56,14 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import InputError, ScalerWizardError
-from ..telemetry.reader import JsonlTail
 from .rundir import (
     ACTIONS,
     RunNotFoundError,
+    SafeJsonlTail,
     append_control,
     append_jsonl,
     check_name,
+    open_beneath,
     list_runs,
     list_snapshots,
     read_json,
@@ -80,6 +91,93 @@ MAX_BODY_BYTES = 64 * 1024
 RollbackHandler = Callable[[Path, dict[str, Any]], dict[str, Any]]
 
 
+AUDIT_MAX_BYTES = 1024 * 1024  # then audit.jsonl -> audit.jsonl.1 (one generation kept)
+AUDIT_LINE_MAX = 1024  # bytes of one refusal record, at most
+AUDIT_FIELD_MAX = 160  # characters of one string field of a refusal record (paths, Host headers...)
+REFUSAL_RATE = 10.0  # refusal records per second, sustained
+REFUSAL_BURST = 20  # refusal records at once
+
+
+class CockpitAudit:
+    """``<runs_dir>/.cockpit/audit.jsonl``: operator actions (authenticated; fsynced) and refused
+    requests (anyone can cause them: rate-limited by a token bucket, fields clipped, line size
+    capped, no fsync; refusals over the rate are counted and the count is written with the next
+    record). The file is opened beneath the runs folder without following symlinks and rotated once
+    it passes ``max_bytes`` (one older generation kept), so the log never holds more than
+    ``2 * max_bytes + 2 * AUDIT_LINE_MAX`` bytes, and under a flood it grows by at most
+    ``(burst + rate * seconds) * AUDIT_LINE_MAX`` bytes."""
+
+    def __init__(self, runs_dir: Path, *, max_bytes: int = AUDIT_MAX_BYTES, rate: float = REFUSAL_RATE,
+                 burst: int = REFUSAL_BURST):
+        self.runs_dir = Path(runs_dir)
+        self.path = self.runs_dir / ".cockpit" / "audit.jsonl"
+        self.max_bytes, self.rate, self.burst = max_bytes, rate, burst
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+        self.suppressed = 0  # refusals not written since the last written one
+        self.suppressed_total = 0
+
+    @staticmethod
+    def _clip(value: Any) -> Any:
+        if isinstance(value, str) and len(value) > AUDIT_FIELD_MAX:
+            return value[:AUDIT_FIELD_MAX] + f"...(+{len(value) - AUDIT_FIELD_MAX} chars)"
+        return value
+
+    def refused(self, record: dict[str, Any]) -> bool:
+        """Record a refused request if the rate allows; returns whether it was written."""
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            if self._tokens < 1.0:
+                self.suppressed += 1
+                self.suppressed_total += 1
+                return False
+            self._tokens -= 1.0
+            entry = {"timestamp": utc_now(), **{k: self._clip(v) for k, v in record.items()}}
+            if self.suppressed:
+                entry["suppressed_before"] = self.suppressed
+            line = (json.dumps(entry, allow_nan=False, default=str) + "\n").encode("utf-8")
+            if len(line) > AUDIT_LINE_MAX:
+                entry = {"timestamp": entry["timestamp"], "event": record.get("event"), "status": record.get("status"),
+                         "note": "fields dropped: record over the line limit",
+                         "suppressed_before": self.suppressed or None}
+                line = (json.dumps(entry, allow_nan=False, default=str) + "\n").encode("utf-8")[:AUDIT_LINE_MAX]
+            if self._write(line, fsync=False):
+                self.suppressed = 0
+            return True
+
+    def action(self, record: dict[str, Any]) -> None:
+        """An operator action (authenticated, rare): written in full and fsynced."""
+        line = (json.dumps({"timestamp": utc_now(), **record}, allow_nan=False, default=str) + "\n").encode("utf-8")
+        with self._lock:
+            self._write(line, fsync=True)
+
+    def _write(self, line: bytes, *, fsync: bool) -> bool:
+        try:
+            fd = open_beneath(self.runs_dir, self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600,
+                              create_dirs=True)
+            try:
+                if os.fstat(fd).st_size + len(line) > self.max_bytes:
+                    os.close(fd)
+                    fd = -1
+                    # rename() acts on the directory entry (never follows a link); .cockpit was just
+                    # reached without a symlink by open_beneath
+                    os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+                    fd = open_beneath(self.runs_dir, self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600,
+                                      create_dirs=True)
+                os.write(fd, line)
+                if fsync:
+                    os.fsync(fd)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+            return True
+        except OSError:  # a read-only runs folder or a planted link must not take the cockpit down
+            return False
+
+
 @dataclass
 class CockpitSettings:
     runs_dir: Path
@@ -90,6 +188,11 @@ class CockpitSettings:
     heartbeat_s: float = 15.0
     rollback_handler: RollbackHandler | None = None
     stopping: threading.Event = field(default_factory=threading.Event)
+    audit_log: CockpitAudit | None = None
+
+    def __post_init__(self) -> None:
+        if self.audit_log is None:
+            self.audit_log = CockpitAudit(self.runs_dir)
 
     @property
     def cookie_name(self) -> str:
@@ -105,11 +208,13 @@ class CockpitSettings:
         return self.runs_dir / ".cockpit" / "audit.jsonl"
 
     def audit(self, record: dict[str, Any]) -> None:
-        try:
-            self.audit_path.parent.mkdir(parents=True, exist_ok=True)
-            append_jsonl(self.audit_path, {"timestamp": utc_now(), **record})
-        except OSError:  # a read-only runs folder must not take the cockpit down
-            pass
+        """An operator action (see :meth:`refused` for refused requests)."""
+        assert self.audit_log is not None
+        self.audit_log.action(record)
+
+    def refused(self, record: dict[str, Any]) -> None:
+        assert self.audit_log is not None
+        self.audit_log.refused(record)
 
 
 def token_matches(candidate: str | None, token: str) -> bool:
@@ -148,8 +253,8 @@ class CockpitGuard:
         refusal = self._check(scope, headers)
         if refusal is not None:
             status, reason = refusal
-            self.s.audit({"event": "refused", "status": status, "reason": reason, "method": scope["method"],
-                          "path": scope["path"], "client": (scope.get("client") or ("?",))[0]})
+            self.s.refused({"event": "refused", "status": status, "reason": reason, "method": scope["method"],
+                            "path": scope["path"], "client": (scope.get("client") or ("?",))[0]})
             await JSONResponse({"error": reason}, status_code=status, headers=SECURITY_HEADERS)(scope, receive, send)
             return
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
@@ -178,7 +283,7 @@ class CockpitGuard:
     def _check(self, scope: Scope, headers: Headers) -> tuple[int, str] | None:
         host = headers.get("host", "")
         if host_name(host) not in self.s.allowed_hosts:
-            return 403, f"Host header {host!r} is not allowed (DNS rebinding protection)."
+            return 403, f"Host header {host[:80]!r} is not allowed (DNS rebinding protection)."
         if not self._authenticated(scope, headers):
             return 401, "A valid cockpit token is required: open the URL printed by `scaler-wizard cockpit`."
         if scope["method"] not in ("GET", "HEAD", "OPTIONS"):
@@ -230,8 +335,11 @@ async def run_events(run_dir: Path, s: CockpitSettings, max_seconds: float | Non
     Events: ``hello`` (a new stream: the page resets), ``metric``, ``telegram``, ``alert``,
     ``control`` (one per JSON Lines record), ``status`` (status.json when it changes), ``end``.
     """
-    tails = {"metric": JsonlTail(run_dir / "metrics.jsonl"), "telegram": JsonlTail(run_dir / "telegrams.jsonl"),
-             "alert": JsonlTail(run_dir / "alerts.jsonl"), "control": JsonlTail(run_dir / "control.jsonl")}
+    root = run_dir.parent  # every file is opened beneath the runs folder, no symlink followed
+    tails = {"metric": SafeJsonlTail(run_dir / "metrics.jsonl", root),
+             "telegram": SafeJsonlTail(run_dir / "telegrams.jsonl", root),
+             "alert": SafeJsonlTail(run_dir / "alerts.jsonl", root),
+             "control": SafeJsonlTail(run_dir / "control.jsonl", root)}
     yield "retry: 2000\n" + sse_event("hello", {"run_id": run_dir.name, "time": utc_now()})
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
     last_status: dict | None = None
@@ -247,12 +355,12 @@ async def run_events(run_dir: Path, s: CockpitSettings, max_seconds: float | Non
                     last_telegram = record
         # JSON files replaced atomically: re-read only when their (inode, size, mtime) changed
         if _changed(run_dir / "status.json", signatures):
-            status = read_json(run_dir / "status.json")
+            status = read_json(run_dir / "status.json", root)
             if status is not None and status != last_status:
                 last_status = status
                 chunks.append(sse_event("status", status))
         if _changed(run_dir / "telegram.json", signatures):  # a writer may keep only the latest telegram
-            latest = read_json(run_dir / "telegram.json")
+            latest = read_json(run_dir / "telegram.json", root)
             if latest is not None and latest != last_telegram:
                 last_telegram = latest
                 chunks.append(sse_event("telegram", latest))
@@ -271,7 +379,7 @@ async def run_events(run_dir: Path, s: CockpitSettings, max_seconds: float | Non
 
 def _changed(path: Path, signatures: dict[str, tuple[int, int, int] | None]) -> bool:
     try:
-        st = path.stat()
+        st = path.lstat()  # the signature of the entry itself; reading goes through open_beneath
         sig: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
     except OSError:
         sig = None
@@ -350,7 +458,8 @@ def create_app(runs_dir: Path | str, token: str, allowed_hosts: list[str] | tupl
         check_name("file name", name)
         if name not in allowed:
             raise InputError(f"File {name!r} is not served; choose one of {sorted(allowed)}.")
-        return {"records": read_records(run_dir_of(run_id) / name)}
+        run_dir = run_dir_of(run_id)
+        return {"records": read_records(run_dir / name, run_dir.parent)}
 
     @app.get("/api/runs/{run_id}/snapshots")
     async def snapshots(run_id: str) -> dict[str, Any]:
@@ -385,8 +494,16 @@ async def _action_body(request: Request) -> ActionBody:
         raise InputError(f"Request body over {MAX_BODY_BYTES} bytes.")
     if not raw.strip():
         return ActionBody()
+
+    def _no_constant(name: str) -> Any:
+        raise InputError(f"Action body contains {name}; JSON has no NaN or Infinity. Send finite numbers.")
+
     try:
-        return ActionBody.model_validate_json(raw)
+        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InputError(f"Action body is not JSON ({str(exc)[:120]}). Send {{\"args\": {{...}}}}.") from None
+    try:
+        return ActionBody.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
         raise InputError(f"Action body is invalid: {problems}. Send {{\"args\": {{...}}}}.") from None
@@ -394,7 +511,7 @@ async def _action_body(request: Request) -> ActionBody:
 
 def perform_action(s: CockpitSettings, run_dir: Path, action: str, args: dict[str, Any]) -> dict[str, Any]:
     """Check an operator action against the run's state, then append it to control.jsonl."""
-    state = (read_json(run_dir / "status.json") or {}).get("state", "unknown")
+    state = (read_json(run_dir / "status.json", run_dir.parent) or {}).get("state", "unknown")
     running = state == "running"
     if action in ("approve", "abort") and not running:
         raise ScalerWizardError(f"Cannot {action} run {run_dir.name}: it is {state}, not running.")
@@ -426,10 +543,42 @@ def perform_action(s: CockpitSettings, run_dir: Path, action: str, args: dict[st
 # ---------------------------------------------------------------------------- serving
 
 
+def resolve_bind_host(host: str) -> list[tuple[int, str]]:
+    """(address family, numeric address) for every address ``host`` resolves to (a literal in any
+    spelling the C library accepts -- ``0``, ``0x0``, ``0.0.0``, ``::0`` -- or a name)."""
+    if not host or not host.strip():
+        return [(socket.AF_INET, "0.0.0.0")]
+    try:
+        infos = socket.getaddrinfo(host.strip(), None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, ValueError) as exc:
+        raise InputError(f"Cannot resolve the cockpit host {host!r}: {exc}.",
+                         hint="Bind 127.0.0.1 (the default).") from None
+    out: list[tuple[int, str]] = []
+    for family, _, _, _, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6) and (family, sockaddr[0]) not in out:
+            out.append((family, sockaddr[0]))
+    if not out:
+        raise InputError(f"The cockpit host {host!r} resolves to no IPv4/IPv6 address.")
+    return out
+
+
+def is_wildcard_address(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if ip.is_unspecified:
+        return True
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool(mapped is not None and mapped.is_unspecified)
+
+
+def is_wildcard_host(host: str) -> bool:
+    """Whether ``host`` resolves to an address that binds every interface."""
+    return any(is_wildcard_address(a) for _, a in resolve_bind_host(host))
+
+
 def default_allowed_hosts(host: str) -> list[str]:
-    if host in ("0.0.0.0", "::", ""):
-        raise InputError(f"Binding the cockpit to {host!r} exposes it to the network; pass --allowed-host "
-                         "with the name(s) clients will use, or bind 127.0.0.1.")
+    if is_wildcard_host(host):
+        raise InputError(f"Binding the cockpit to {host!r} (a wildcard address: every interface) exposes it to the "
+                         "network; pass --allowed-host with the name(s) clients will use, or bind 127.0.0.1.")
     return sorted({*LOOPBACK_HOSTS, host.lower()})
 
 
@@ -444,11 +593,11 @@ class CockpitServer:
         self.host = host
         self.token = token or secrets.token_urlsafe(32)
         hosts = allowed_hosts or default_allowed_hosts(host)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        family, address = resolve_bind_host(host)[0]  # bind what was checked, not a second resolution
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            self.sock.bind((host, port))
+            self.sock.bind((address, port))
         except OSError as exc:
             self.sock.close()
             raise InputError(f"Cannot bind the cockpit to {host}:{port}: {exc.strerror or exc}.",
