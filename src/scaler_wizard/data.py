@@ -20,6 +20,7 @@ from .packing import PADDING_TASK, FirstFitRows, MaskMode, pack_documents
 _BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
 
 TASK_LM = 0
+DEPTH_STRATA = 10  # synthetic retrieval rows cycle through this many key-depth bands
 TASK_PASSKEY = 1
 TASK_PADDING = PADDING_TASK  # per-token task of a packed row's padding tail (-1)
 
@@ -173,7 +174,9 @@ def build_stage_rows(
 
     Passkey examples are supervised on the answer only (a completion-style loss); the
     language-model windows on every token. Each passkey example asks for ``U[min(64, length),
-    length]`` tokens with a uniform key depth.
+    length]`` tokens; key depths are stratified (``DEPTH_STRATA`` bands, cycled). With a
+    ``MixedTemplateBuilder`` each example draws its wording from the training templates, never
+    the probe's (no contamination of the evaluation).
 
     ``pack=False``: one passkey example per row, right-padded (about half of each passkey row is
     padding). ``pack=True``: the passkey rows are filled with whole examples back to back
@@ -212,8 +215,16 @@ def build_stage_rows(
         start = rng.randrange(0, len(stream) - length)
         return stream[start : start + length]
 
+    drawn = [0]
+
     def passkey_example() -> tuple[list[int], list[int]]:
-        ex = passkey_builder.build(rng.randint(min_pk, length), rng.random(), rng.randint(*KEY_RANGE))
+        # Depth-stratified: the k-th example's key lies in stratum k mod 10 of the haystack, so
+        # every depth is trained equally often in each stage (a uniform draw leaves gaps in a
+        # stage of a few dozen examples).
+        stratum, drawn[0] = drawn[0] % DEPTH_STRATA, drawn[0] + 1
+        size, depth, key = rng.randint(min_pk, length), (stratum + rng.random()) / DEPTH_STRATA, rng.randint(*KEY_RANGE)
+        ex = (passkey_builder.build(size, depth, key, rng=rng) if hasattr(passkey_builder, "builders")
+              else passkey_builder.build(size, depth, key))
         ids = ex.input_ids
         return ids, [-100] * len(ex.prompt_ids) + ids[len(ex.prompt_ids) :]
 

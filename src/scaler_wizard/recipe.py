@@ -124,6 +124,10 @@ class TrainingSection(_Strict):
         "in each chunk); auto: as many as fit 256 MB of logits and temporaries, one chunk when all fit")
     snapshot_every: int = Field(25, ge=0, description="optimizer steps between resumable snapshots "
                                 "(adapters, optimizer, scheduler, RNG, data position); 0: stage boundaries only")
+    task_weights: dict[Literal["lm", "retrieval"], Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: {"lm": 1.0, "retrieval": 1.0},
+        description="train/loss = sum over the tasks in a batch of weight x that task's mean token CE "
+        "(lm: every token of a text window; retrieval: the answer tokens of a synthetic needle row)")
 
     @field_validator("steps_per_stage")
     @classmethod

@@ -41,6 +41,7 @@ context, so it may cover just a prefix; positions it does not cover get CE only.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import RecipeError
-from ..losses.chunked_ce import IGNORE_INDEX, resolve_chunk_size, task_balanced_mean
+from ..losses.chunked_ce import IGNORE_INDEX, resolve_chunk_size, task_balanced_mean, task_means
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd")
@@ -290,6 +291,7 @@ def distillation_loss(
     *,
     bias: torch.Tensor | None = None,
     task: torch.Tensor | None = None,
+    task_weights: Mapping[int, float] | None = None,
 ) -> DistillLossOutput:
     """The training loss for one batch (inputs as for :func:`chunked_distill_token_losses`).
 
@@ -299,9 +301,12 @@ def distillation_loss(
     than on ``(1 - lambda) * CE``, so such batches keep their full learning signal.
     """
     ce_tok, kd_tok = chunked_distill_token_losses(hidden, weight, labels, teacher, config, bias=bias)
-    ce = task_balanced_mean(ce_tok, labels, task)
+    by_task = {k: v.detach() for k, v in task_means(ce_tok, labels, task).items()}
+    ce = task_balanced_mean(ce_tok, labels, task, task_weights)
     n_kd = int(kd_position_mask(teacher, hidden.size(1)).sum()) if teacher is not None else 0
     if n_kd == 0:
-        return DistillLossOutput(loss=ce, ce=ce.detach(), kd=ce.new_zeros(()), kd_tokens=0)
+        return DistillLossOutput(loss=ce, ce=ce.detach(), kd=ce.new_zeros(()), kd_tokens=0,
+                                 extras={"ce_by_task": by_task})
     kd = kd_tok.sum() / n_kd
-    return DistillLossOutput(loss=combine(ce, kd, config), ce=ce.detach(), kd=kd.detach(), kd_tokens=n_kd)
+    return DistillLossOutput(loss=combine(ce, kd, config), ce=ce.detach(), kd=kd.detach(), kd_tokens=n_kd,
+                             extras={"ce_by_task": by_task})

@@ -14,6 +14,8 @@ without recomputation when everything fits (small vocabularies), where chunking 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -82,21 +84,13 @@ def target_task(task: torch.Tensor | None) -> torch.Tensor | None:
     return task[:, 1:]
 
 
-def task_balanced_mean(token_loss: torch.Tensor, labels: torch.Tensor, task: torch.Tensor | None) -> torch.Tensor:
-    """Mean loss per task (row kind), summed over the tasks present in the batch.
-
-    With one task this is the ordinary token mean. With a mixture (language modelling rows and
-    short-answer retrieval rows) each task keeps its own weight instead of the retrieval answers
-    being drowned by thousands of language-modelling tokens.
-
-    ``task`` is per row ``[B]``, or per token ``[B, T]`` aligned with ``labels`` (packed rows mix
-    tasks within a row; pass :func:`target_task` of the unshifted ids when ``labels`` are the
-    shifted ``labels[:, 1:]``). Negative task ids mark padding and are never counted.
-    """
+def task_means(token_loss: torch.Tensor, labels: torch.Tensor, task: torch.Tensor | None) -> dict[int, torch.Tensor]:
+    """Mean token loss of each task present in the batch (task id -> mean over its supervised
+    targets). Without task ids everything is task 0. Negative ids mark padding, never counted."""
     mask = labels != IGNORE_INDEX
     if task is None:
         m = mask.to(token_loss.dtype)
-        return (token_loss * m).sum() / m.sum().clamp_min(1)
+        return {0: (token_loss * m).sum() / m.sum().clamp_min(1)}
     if task.dim() == 1 and task.size(0) == labels.size(0):
         task = task[:, None].expand_as(labels)
     elif task.shape != labels.shape:
@@ -105,10 +99,30 @@ def task_balanced_mean(token_loss: torch.Tensor, labels: torch.Tensor, task: tor
             f"{tuple(labels.shape)}. For per-token task ids of unshifted rows with labels[:, 1:], pass "
             "target_task(task) (= task[:, 1:])."
         )
-    total = token_loss.new_zeros(())
-    for kind in torch.unique(task[mask]):
+    means = {}
+    for kind in torch.unique(task[mask]).tolist():
         if kind < 0:
             continue
         sel = (mask & (task == kind)).to(token_loss.dtype)
-        total = total + (token_loss * sel).sum() / sel.sum()
+        means[int(kind)] = (token_loss * sel).sum() / sel.sum()
+    return means
+
+
+def task_balanced_mean(token_loss: torch.Tensor, labels: torch.Tensor, task: torch.Tensor | None,
+                       weights: Mapping[int, float] | None = None) -> torch.Tensor:
+    """Weighted sum of the per-task mean losses (:func:`task_means`); a task's weight defaults to 1.
+
+    With one task this is the ordinary token mean. With a mixture (language modelling rows and
+    short-answer retrieval rows) each task keeps its own weight instead of the retrieval answers
+    being drowned by thousands of language-modelling tokens -- or, at weight 1, a handful of
+    answer tokens weighing as much as every language-modelling token together: the recipe's
+    ``training.task_weights`` states the balance, and both means are logged.
+
+    ``task`` is per row ``[B]``, or per token ``[B, T]`` aligned with ``labels`` (packed rows mix
+    tasks within a row; pass :func:`target_task` of the unshifted ids when ``labels`` are the
+    shifted ``labels[:, 1:]``). Negative task ids mark padding and are never counted.
+    """
+    total = token_loss.new_zeros(())
+    for kind, mean in task_means(token_loss, labels, task).items():
+        total = total + (1.0 if weights is None else float(weights.get(kind, 1.0))) * mean
     return total

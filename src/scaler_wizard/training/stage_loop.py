@@ -99,9 +99,10 @@ class StageLoop:
         self.rows_per_step = t.micro_batch_size * t.gradient_accumulation_steps * env.dist.world_size
         self.passkey_builder = None
         if recipe.data.synthetic_passkey_share:
-            from ..evaluation.passkey import PasskeyBuilder
+            from ..evaluation.passkey import MixedTemplateBuilder
 
-            self.passkey_builder = PasskeyBuilder(env.tokenizer, env.tokenizer.bos_token_id)
+            # training rows use the training wordings only: the probe's template stays unseen
+            self.passkey_builder = MixedTemplateBuilder(env.tokenizer, env.tokenizer.bos_token_id)
 
     # ----------------------------------------------------------------------------- the loop
     def run(self) -> LoopResult:

@@ -28,9 +28,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, TrainerState
 
 from ..errors import PlanError
+from ..losses.chunked_ce import chunked_token_ce, target_task, task_balanced_mean, task_means
 from ..models import decoder_and_head
-from ..losses.chunked_ce import chunked_token_ce, target_task, task_balanced_mean
 from ..recipe import Recipe
+
+TASK_NAMES = {0: "lm", 1: "retrieval"}  # data.TASK_LM, data.TASK_PASSKEY
 
 
 class ScalingTrainer(Trainer):
@@ -39,11 +41,12 @@ class ScalingTrainer(Trainer):
 
     def __init__(self, *args: Any, loss_chunk_size: int | str = "auto", teacher: Any = None, distill: Any = None,
                  side_metrics: dict[str, float] | None = None, resume_files: Mapping[str, Any] | None = None,
-                 **kwargs: Any):
+                 task_weights: Mapping[int, float] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         # snapshot files (logical name -> path) that the overridden loaders below read on resume
         self.resume_files = resume_files
         self.loss_chunk_size = loss_chunk_size
+        self.task_weights = dict(task_weights or {})
         self.teacher = teacher
         self.distill = distill
         # running sums of the loss parts since the last log, read by StageTelemetryCallback
@@ -52,27 +55,53 @@ class ScalingTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """``train/loss`` is the sum over the tasks present in the batch of ``task_weights[task] x
+        mean CE of that task`` (language modelling: every token; retrieval: the answer tokens);
+        with a teacher it becomes ``(1-lambda) x that + lambda x T^2 x KD``. The per-task means
+        are logged beside it (``train/loss/lm``, ``train/loss/retrieval``, ``train/loss/kd``)
+        with the retrieval rows' answer-token accuracy, so no part can hide inside the sum."""
         labels = inputs["labels"]
-        # per-row task [B], or per-token [B, T] (packed rows) cut to the targets labels[:, 1:]
+        # per-row task [B], or per-token task [B, T] (packed rows) cut to the targets labels[:, 1:]
         task = target_task(inputs.get("task"))
         hidden, head = self._hidden_states(model, inputs)
+        targets = labels[:, 1:]
         if self.teacher is not None:
             from ..distill.losses import distillation_loss
 
             teacher_batch = self.teacher(model, inputs)
-            out = distillation_loss(hidden[:, :-1], head.weight, labels[:, 1:], teacher_batch, self.distill,
-                                    bias=head.bias, task=task)
-            loss = out.loss
+            out = distillation_loss(hidden[:, :-1], head.weight, targets, teacher_batch, self.distill,
+                                    bias=head.bias, task=task, task_weights=self.task_weights)
+            loss, by_task = out.loss, out.extras["ce_by_task"]
             # detached tensors, summed where they live: float() here would wait for the device every step
             self._accumulate("distill/ce", out.ce.detach())
             self._accumulate("distill/kl", out.kd.detach())
+            self._accumulate("train/loss/kd", out.kd.detach())
         else:
             # predict token t+1 from position t
             token_loss = chunked_token_ce(
-                hidden[:, :-1], head.weight, labels[:, 1:], bias=head.bias, chunk_size=self.loss_chunk_size
+                hidden[:, :-1], head.weight, targets, bias=head.bias, chunk_size=self.loss_chunk_size
             )
-            loss = task_balanced_mean(token_loss, labels[:, 1:], task)
+            by_task = {k: v.detach() for k, v in task_means(token_loss, targets, task).items()}
+            loss = task_balanced_mean(token_loss, targets, task, self.task_weights)
+        for kind, mean in by_task.items():
+            self._accumulate(f"train/loss/{TASK_NAMES.get(kind, kind)}", mean)
+        self._retrieval_accuracy(hidden[:, :-1], head, targets, task)
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    @torch.no_grad()
+    def _retrieval_accuracy(self, hidden, head, targets, task) -> None:
+        """Greedy accuracy on the retrieval rows' answer tokens (a handful per row: cheap)."""
+        if task is None:
+            return
+        from ..data import TASK_PASSKEY
+
+        rows = task[:, None].expand_as(targets) if task.dim() == 1 else task
+        mask = (targets != -100) & (rows == TASK_PASSKEY)
+        if not bool(mask.any()):
+            return
+        logits = torch.nn.functional.linear(hidden[mask].to(head.weight.dtype), head.weight, head.bias)
+        correct = (logits.argmax(-1) == targets[mask]).float().mean()
+        self._accumulate("train/retrieval_token_acc", correct)
 
     def _hidden_states(self, model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.nn.Module]:
         """The decoder's final (normalised) hidden states and the output projection.
@@ -132,6 +161,12 @@ class ScalingTrainer(Trainer):
         if self.resume_files is None:
             raise RuntimeError("resume_from_checkpoint needs the snapshot files (resume_files)")
         return self.resume_files
+
+
+def task_weight_ids(weights: Mapping[str, float]) -> dict[int, float]:
+    """The recipe's ``{"lm": w, "retrieval": w}`` as task ids."""
+    ids = {name: kind for kind, name in TASK_NAMES.items()}
+    return {ids[name]: float(w) for name, w in weights.items()}
 
 
 def trainer_state_json(state: TrainerState) -> str:
@@ -279,7 +314,8 @@ def train_stage(
     trainer = ScalingTrainer(model=model, args=args, train_dataset=rows, callbacks=callbacks, teacher=teacher,
                              loss_chunk_size=recipe.training.loss_chunk_size,
                              distill=distill, side_metrics=side_metrics,
-                             resume_files=resume.files if resume else None)
+                             resume_files=resume.files if resume else None,
+                             task_weights=task_weight_ids(recipe.training.task_weights))
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         # Snapshots read each trainable tensor whole on the main process; with sharded
         # parameters that needs a gather on every process, which is not built yet. Refuse
