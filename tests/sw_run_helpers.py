@@ -113,21 +113,71 @@ class Project:
         return invoke(argv, self.capsys)
 
 
-def invoke(argv: list[str], capsys) -> Result:
+def invoke(argv: list[str], capsys=None) -> Result:
+    """Run ``cli.main`` with ``argv``; output captured by capsys, or by redirecting the streams."""
+    import contextlib
+    import io
+
     from scaler_wizard import cli
 
     old = sys.argv
     sys.argv = argv
-    capsys.readouterr()
-    try:
-        cli.main()
-        rc = 0
-    except SystemExit as exc:
-        rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = old
-    captured = capsys.readouterr()
-    return Result(rc, captured.out, captured.err)
+    out, err = io.StringIO(), io.StringIO()
+    if capsys is not None:
+        capsys.readouterr()
+    ctx = contextlib.nullcontext() if capsys is not None else contextlib.ExitStack()
+    with ctx as stack:
+        if stack is not None:
+            stack.enter_context(contextlib.redirect_stdout(out))
+            stack.enter_context(contextlib.redirect_stderr(err))
+        try:
+            cli.main()
+            rc = 0
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            sys.argv = old
+    if capsys is not None:
+        captured = capsys.readouterr()
+        return Result(rc, captured.out, captured.err)
+    return Result(rc, out.getvalue(), err.getvalue())
+
+
+def patch_after_authorization(monkeypatch, after) -> None:
+    """Make every holder of ``authorize_run`` call ``after(grant)`` right after a successful
+    authorization: the moment at which a time-of-check/time-of-use attacker swaps files."""
+    from scaler_wizard.safety import gatekeeper as G
+
+    real = G.authorize_run
+
+    def wrapped(*args, **kwargs):
+        grant = real(*args, **kwargs)
+        after(grant)
+        return grant
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "authorize_run", None) is real and module.__name__.startswith("scaler_wizard"):
+            monkeypatch.setattr(module, "authorize_run", wrapped)
+
+
+def patch_before_authorization(monkeypatch, before) -> None:
+    """Call ``before()`` just before the gate hashes the inputs."""
+    from scaler_wizard.safety import gatekeeper as G
+
+    real = G.authorize_run
+
+    def wrapped(*args, **kwargs):
+        before()
+        return real(*args, **kwargs)
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "authorize_run", None) is real and module.__name__.startswith("scaler_wizard"):
+            monkeypatch.setattr(module, "authorize_run", wrapped)
+
+
+def audit_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "contract" / "audit.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
 
 
 def run_dirs(project: Project) -> list[Path]:

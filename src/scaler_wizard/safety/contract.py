@@ -1196,9 +1196,14 @@ def plan_scope(recipe: Recipe, recipe_dir: Path, max_wall_time_s: int) -> Scope:
     lengths = plan_lengths(base, recipe.context.target_length, recipe.context.schedule)
     steps = recipe.training.steps_per_stage
     budgets = steps if isinstance(steps, list) else [steps] * len(lengths)
-    # gate_policy "extend" may train each stage a second time (pipeline: one extension per stage).
-    attempts = 2 if recipe.context.gate_policy == "extend" else 1
+    # gate_policy "extend" (one extension) and "rollback" (one retry from the stage start) may train
+    # each stage a second time; each envelope rollback (safety.policy, on_stop: rollback) may retrain
+    # at most one stage. The scope counts work done, not positions (a rollback resets the position).
+    attempts = 2 if recipe.context.gate_policy in ("extend", "rollback") else 1
+    policy = recipe.safety.policy
+    rollbacks = policy.max_rollbacks if policy.on_stop == "rollback" else 0
     per_step = recipe.training.micro_batch_size * recipe.training.gradient_accumulation_steps
+    stage_tokens = [b * n * per_step for b, n in zip(budgets, lengths)]
     return Scope(
         model=model_identity(model_dir, recipe.model.path),
         data=data_identity(recipe, recipe_dir),
@@ -1207,8 +1212,8 @@ def plan_scope(recipe: Recipe, recipe_dir: Path, max_wall_time_s: int) -> Scope:
         base_length=base,
         target_length=recipe.context.target_length,
         stage_lengths=list(lengths),
-        max_steps=attempts * sum(budgets),
-        max_tokens=attempts * sum(b * n * per_step for b, n in zip(budgets, lengths)),
+        max_steps=attempts * sum(budgets) + rollbacks * max(budgets),
+        max_tokens=attempts * sum(stage_tokens) + rollbacks * max(stage_tokens),
         max_wall_time_s=int(max_wall_time_s),
         files=bound_files(recipe, recipe_dir),
     )
