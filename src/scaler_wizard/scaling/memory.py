@@ -27,6 +27,13 @@ this machine?" for models that are not downloaded. The breakdown follows what au
   second copy) and adds its logits; ``model`` adds a second set of weights too.
 * **overhead** -- the runtime: CUDA context and allocator slack on GPUs, thread pools and
   allocator slack on CPU, calibrated by ``bench/planner_accuracy.py``.
+* **probe** -- the evaluation probes (``evaluation/probes.py``) run between the training steps, at
+  the stage's length, without gradients: one layer's transient tensors at a time, the final hidden
+  states, and one chunk of the output projection's logits with its log-softmax (the probes never
+  build ``[batch, length, vocab]``). Their peak is the weights, the trainable state (the optimizer's
+  moments stay alive between stages) and this working set; :attr:`MemoryEstimate.total` is the
+  larger of the training step and the probe peak, so a plan that fits also fits its probes.
+  Calibrated by ``bench/probe_memory.py``.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import ModelLoadError, PlanError
+from ..losses.chunk_policy import positions_per_chunk
 
 GiB = 2**30
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -60,6 +68,9 @@ CUDA_CONTEXT_BYTES = int(0.75 * GiB)
 CUDA_ALLOCATOR_SLACK = 0.05  # caching-allocator fragmentation, fraction of the tensors' total
 CPU_RUNTIME_BYTES = 16 * 2**20
 CPU_ALLOCATOR_SLACK = 0.0
+# The probes' output projection: logits + their log-softmax of one chunk of positions stay under
+# this many bytes (evaluation/probes.py sizes its chunks with probe_head_chunk below).
+PROBE_HEAD_BUDGET_BYTES = 128 * 2**20
 
 
 # ------------------------------------------------------------------------------------------
@@ -266,9 +277,12 @@ class MemoryRequest:
     teacher: TeacherMode = "none"
     teacher_dims: ModelDims | None = None
     backend: Backend = "cuda"
+    probe_batch: int = 1  # rows per probe forward (evaluation.probe_batch_size; 1 at long lengths)
 
     def check(self) -> None:
         problems = []
+        if self.probe_batch < 1:
+            problems.append(f"probe_batch must be >= 1 (got {self.probe_batch})")
         if self.seq_len < 1:
             problems.append(f"seq_len must be >= 1 (got {self.seq_len})")
         if self.micro_batch < 1:
@@ -295,15 +309,27 @@ class MemoryEstimate:
     teacher: int
     overhead: int
     notes: tuple[str, ...] = ()
+    probe: int = 0  # the probes' working set (no gradients), between training steps
 
     @property
-    def total(self) -> int:
+    def step_total(self) -> int:
+        """Peak of one training step."""
         # the loss and the layers' backward run one after the other: only the larger one counts
         return (self.weights + self.trainable + self.activations + max(self.logits, self.backward)
                 + self.teacher + self.overhead)
 
+    @property
+    def probe_total(self) -> int:
+        """Peak while the probes run: the weights, the trainable state and the probes' working set."""
+        return self.weights + self.trainable + self.probe + self.overhead
+
+    @property
+    def total(self) -> int:
+        # training and probing alternate: the peak is the larger of the two
+        return max(self.step_total, self.probe_total)
+
     def breakdown_gb(self) -> dict[str, float]:
-        keys = ("weights", "trainable", "activations", "logits", "backward", "teacher", "overhead")
+        keys = ("weights", "trainable", "activations", "logits", "backward", "teacher", "overhead", "probe")
         parts = {k: getattr(self, k) for k in keys}
         parts["total"] = self.total
         return {k: round(v / GiB, 3) for k, v in parts.items()}
@@ -459,6 +485,56 @@ def teacher_bytes(dims: ModelDims, plan: StrategyPlan, req: MemoryRequest) -> in
     return t_weights + t_logits + working
 
 
+def probe_head_chunk(batch: int, positions: int, vocab_size: int, *, dtype_bytes: int = 4,
+                     budget_bytes: int = PROBE_HEAD_BUDGET_BYTES) -> int:
+    """Positions per chunk of the probes' output projection (all ``batch`` rows in each chunk):
+    the chunked loss's sizing (``losses/chunk_policy.py``) at :data:`PROBE_HEAD_BUDGET_BYTES`."""
+    return positions_per_chunk(max(1, batch), max(1, positions), vocab_size, dtype_bytes=dtype_bytes,
+                               budget_bytes=budget_bytes, loss="ce")
+
+
+def probe_working_bytes(dims: ModelDims, seq_len: int, batch: int = 1, *, dtype: str = "float32",
+                        attn_implementation: str = "sdpa") -> int:
+    """Working set of one probe forward of ``batch`` rows x ``seq_len`` tokens without gradients,
+    on top of the weights (what ``evaluation/probes.py`` does).
+
+    Without autograd a layer's intermediates are freed as soon as they are used, so the peak holds
+    the residual stream, the final hidden states (kept for the chunked head), RMSNorm's fp32
+    upcast, the larger of attention (q, k, v with their rotated copies, the output; eager adds
+    the fp32 scores and their cast per head) and the SwiGLU MLP (gate, up, silu(gate), the
+    product), and one chunk of logits with its log-softmax (fp32, + the model-dtype logits at 16 bits).
+    """
+    a = DTYPE_BYTES[dtype]
+    tokens = seq_len * batch
+    h, q, kv, i = dims.hidden_size, dims.q_dim, dims.kv_dim, dims.intermediate_size
+    attention = a * (2 * q + 3 * kv + q + h)  # q, k, v, rotated q and k, SDPA output, o_proj output
+    if attn_implementation == "eager":
+        attention += dims.num_heads * seq_len * (4 + (a if a != 4 else 0))
+    mlp = a * 3 * i  # silu(gate), up and their product (gate itself is freed once activated)
+    per_token = 3 * a * h + 8 * h + max(attention, mlp)  # residual, layer input, final hidden; fp32 norm
+    chunk = probe_head_chunk(batch, seq_len, dims.vocab_size, dtype_bytes=a)
+    head = batch * chunk * dims.vocab_size * (8 + (a if a != 4 else 0))
+    mask = batch * seq_len**2 * a if attn_implementation == "eager" else 0
+    return int(per_token * tokens + head + mask)
+
+
+def probe_batch_for(dims: ModelDims, seq_len: int, budget_bytes: float, *, dtype: str = "float32",
+                    attn_implementation: str = "sdpa", upper: int = 64) -> int:
+    """The most rows (<= ``upper``) whose probe working set fits ``budget_bytes``; at least 1
+    (a probe that does not fit one row reports an out-of-memory error naming its length)."""
+    def fits(b: int) -> bool:
+        return probe_working_bytes(dims, seq_len, b, dtype=dtype, attn_implementation=attn_implementation) <= budget_bytes
+
+    lo, hi = 1, max(1, upper)
+    while lo < hi:  # the working set grows with the rows: largest b with fits(b)
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def estimate_memory(dims: ModelDims, plan: StrategyPlan, req: MemoryRequest) -> MemoryEstimate:
     """Peak memory of one optimizer step on one device (data parallel replicates it).
 
@@ -487,7 +563,10 @@ def estimate_memory(dims: ModelDims, plan: StrategyPlan, req: MemoryRequest) -> 
         overhead = CPU_RUNTIME_BYTES + int(CPU_ALLOCATOR_SLACK * tensors)
     if req.attn_implementation == "eager" and req.seq_len > 8192:
         notes.append("eager attention keeps the full score matrix per layer; use sdpa or flash_attention_2")
-    return MemoryEstimate(w, t, act, lg, bw, te, overhead, tuple(notes))
+    probe = probe_working_bytes(dims, req.seq_len, req.probe_batch, dtype=req.dtype,
+                                attn_implementation=req.attn_implementation)
+    # (layers run one at a time without gradients: the depth does not change the probes' working set)
+    return MemoryEstimate(w, t, act, lg, bw, te, overhead, tuple(notes), probe)
 
 
 def max_seq_len(dims: ModelDims, plan: StrategyPlan, req: MemoryRequest, budget_bytes: float,

@@ -1,0 +1,173 @@
+"""Probe memory at long lengths with a large vocabulary (issue 15, item 1).
+
+A 2-layer, 256-wide Llama with a 128,256-token vocabulary (random weights, fp32, SDPA) is probed
+in fresh subprocesses, one per case, each reporting its peak resident set (``ru_maxrss``), the RSS
+after building the model (before probing) and the probe's figures:
+
+* ``perplexity``, ``passkey`` and ``short_context`` at 32K tokens through the chunked head
+  (the figure the issue asks for: peak RSS <= 1.5 GB);
+* perplexity at 2K through the chunked head and through the unchunked path (the probe as it was:
+  full ``[batch, length, vocab]`` logits and cross-entropy), whose figures must agree to 1e-5
+  relative, with both peaks;
+* the planner's probe working set (``scaling/memory.py::probe_working_bytes``) next to each
+  measured peak-minus-baseline.
+
+Prints one JSON object (also written to ``--out``, default bench/results/probe_memory.json).
+
+    OMP_NUM_THREADS=1 nice -n 19 .venv/bin/python bench/probe_memory.py            # ~3-5 min on 2 cores
+    OMP_NUM_THREADS=1 nice -n 19 .venv/bin/python bench/probe_memory.py --length 8192   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+MODEL = {
+    "model_type": "llama", "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 4, "intermediate_size": 1024, "vocab_size": 128256, "tie_word_embeddings": False,
+    "max_position_embeddings": 131072, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+}
+CHILD_ENV = {"OMP_NUM_THREADS": "1"}
+BUDGET_GB = 0.75  # the probes' memory budget (ProbeContext.memory_budget_bytes)
+WINDOWS = 2
+REL_TOL = 1e-5
+
+
+def _rss_gb() -> float:
+    """Current resident set (VmRSS) in GiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+class _StubTokenizer:
+    """decode() for bits per byte over a 128K vocabulary (ids -> decimal text)."""
+
+    bos_token_id = 1
+    pad_token_id = 2
+
+    def decode(self, ids):
+        return " ".join(str(i) for i in ids)
+
+
+def child(case: str, length: int) -> dict:
+    import torch
+    import transformers
+
+    from scaler_wizard.evaluation.probes import (
+        PasskeyProbe,
+        PerplexityProbe,
+        ProbeContext,
+        ShortContextProbe,
+        run_probe,
+    )
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**{k: v for k, v in MODEL.items() if k != "model_type"})
+    cfg._attn_implementation = "sdpa"
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    n = 4 * length + 1
+    stream = torch.randint(3, MODEL["vocab_size"], (n,), generator=torch.Generator().manual_seed(1)).tolist()
+    tokenizer = _StubTokenizer()
+    if case == "passkey":
+        from transformers import AutoTokenizer
+
+        from scaler_wizard.recipe import resolve_path
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_path("builtin:demo"))
+    # the rows per forward come from this budget (the pipeline's default is 70% of the free RAM)
+    ctx = ProbeContext(tokenizer=tokenizer, heldout_stream=stream, base_length=length, batch_size=4,
+                       memory_budget_bytes=int(BUDGET_GB * 2**30))
+    baseline = _rss_gb()
+    t0 = time.perf_counter()
+    if case == "perplexity":
+        res = run_probe(PerplexityProbe(windows=WINDOWS), model, length, ctx)
+    elif case == "short_context":
+        res = run_probe(ShortContextProbe(windows=1), model, length, ctx)
+    elif case == "passkey":
+        res = run_probe(PasskeyProbe(trials=2, depths=[0.5]), model, length, ctx)
+    elif case == "unchunked_perplexity":  # the probe as it was: full logits + cross-entropy
+        import math
+
+        windows, nll, tokens = WINDOWS, 0.0, 0
+        with torch.no_grad():
+            rows = [stream[w * length : (w + 1) * length] for w in range(windows)]
+            ids = torch.tensor(rows)
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1),
+                                                    reduction="sum").item()
+            tokens = ids[:, 1:].numel()
+        res = type("R", (), {"metrics": {"perplexity": math.exp(nll / tokens)}, "error": None,
+                             "details": {"head": "unchunked (full logits)"}})()
+    else:
+        raise SystemExit(f"unknown case {case}")
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    return {"case": case, "length": length, "error": res.error, "metrics": res.metrics,
+            "details": {k: v for k, v in res.details.items() if k != "accuracy_by_depth"},
+            "peak_rss_gb": round(peak, 3), "rss_before_probe_gb": round(baseline, 3),
+            "probe_delta_gb": round(peak - baseline, 3), "seconds": round(seconds, 1)}
+
+
+def run_child(case: str, length: int) -> dict:
+    env = {**os.environ, **CHILD_ENV}
+    proc = subprocess.run([sys.executable, __file__, "--child", case, "--length", str(length)],
+                          check=False, capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+        return {"case": case, "length": length, "error": f"exit {proc.returncode}: {proc.stderr[-800:]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def planner_figures(length: int) -> dict:
+    from scaler_wizard.scaling.memory import GiB, ModelDims, probe_head_chunk, probe_working_bytes
+
+    dims = ModelDims.from_config(MODEL)
+    return {"weights_gb": round(dims.n_params() * 4 / GiB, 3),
+            "probe_working_gb": round(probe_working_bytes(dims, length, 1, dtype="float32") / GiB, 3),
+            "head_chunk_positions": probe_head_chunk(1, length, dims.vocab_size)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--child")
+    ap.add_argument("--length", type=int, default=32768)
+    ap.add_argument("--equality-length", type=int, default=2048)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "probe_memory.json")
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.length)))
+        return
+    long_cases = [run_child(c, args.length) for c in ("perplexity", "passkey")]
+    long_cases.append(run_child("short_context", args.length))  # at a base length of L
+    eq = [run_child(c, args.equality_length) for c in ("perplexity", "unchunked_perplexity")]
+    ppl = [c.get("metrics", {}).get("perplexity") for c in eq]
+    rel = abs(ppl[0] / ppl[1] - 1) if all(ppl) else None
+    worst = max((c.get("peak_rss_gb") or float("inf")) for c in long_cases)
+    out = {
+        "model": MODEL, "torch_threads": CHILD_ENV["OMP_NUM_THREADS"], "probe_budget_gb": BUDGET_GB,
+        "long": long_cases,
+        "planner": {str(args.length): planner_figures(args.length),
+                    str(args.equality_length): planner_figures(args.equality_length)},
+        "equality": {"length": args.equality_length, "chunked": eq[0], "unchunked": eq[1],
+                     "relative_difference": rel, "within_1e-5": rel is not None and rel <= REL_TOL},
+        "peak_rss_gb_max": worst,
+        "within_1.5_gb": worst <= 1.5,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
