@@ -1,6 +1,6 @@
 """`scaler-wizard` command line. Errors are handled here only: each ScalerWizardError becomes a
-one-paragraph message and its exit code (2 bad input, 3 contract, 4 halted); tracebacks only
-with --debug."""
+one-paragraph message and its exit code (2 bad input, 3 contract, 4 halted; 5: the run completed
+but failed its gates); tracebacks only with --debug."""
 
 from __future__ import annotations
 
@@ -64,13 +64,25 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _verdict_line(summary: dict) -> str:
+    if summary.get("verdict") == "passed":
+        return f"[bold green]PASSED[/]: every gate passed; the model reached {summary['reached_length']} tokens."
+    reasons = "; ".join(summary.get("verdict_reasons") or []) or "see the stages"
+    return (f"[bold red]GATES FAILED[/]: the run ended at {summary.get('reached_length')} of "
+            f"{summary.get('target_length')} tokens ({reasons}).")
+
+
 def _summary_table(summary: dict) -> Table:
     table = Table(title=f"run {summary['run_id']}")
     table.add_column("figure")
     table.add_column("value", justify="right")
+    passed = summary.get("verdict") == "passed"
+    table.add_row("verdict", "[bold green]passed[/]" if passed else "[bold red]gates failed[/]")
     for k, v in summary["headline"].items():
         table.add_row(k, _fmt(v))
-    table.add_row("stages", ", ".join(f"{s['length']}:{s['decision']}" for s in summary["stages"]))
+    table.add_row("stages", ", ".join(
+        f"{s['length']}:{s['decision']}" if s["gate_passed"] else f"[red]{s['length']}:{s['decision']} (failed)[/]"
+        for s in summary["stages"]))
     table.add_row("train loss first -> last", f"{_fmt(summary['train_loss_first'])} -> {_fmt(summary['train_loss_last'])}")
     table.add_row("wall time (s)", _fmt(summary.get("wall_time_s")))
     table.add_row("peak RSS (GB)", _fmt(summary.get("peak_rss_gb")))
@@ -131,17 +143,27 @@ def run(
         if server is not None:
             server.stop()
     if result.main_process:
+        console.print(_verdict_line(result.summary))
         console.print(_summary_table(result.summary))
         console.print(f"run directory: {result.run_dir}")
+        if result.summary.get("verdict") != "passed":
+            from .errors import EXIT_GATES_FAILED
+
+            raise typer.Exit(EXIT_GATES_FAILED)
 
 
 @app.command()
 def validate(recipe: Path = typer.Argument(..., help="YAML recipe to check")) -> None:
-    """Validate a recipe; every problem is listed with its field path."""
-    from .recipe import load_recipe
+    """Validate a recipe: its schema and its meaning (model folder, context method and its
+    parameters, strategy options, probe files, data) -- the checks `run` makes before it writes
+    anything; every problem is listed with its field path."""
+    from .preflight import check_inputs, check_recipe
 
-    parsed, _ = load_recipe(str(recipe))
-    console.print(f"[green]ok[/] {recipe}: recipe valid (digest {parsed.digest()[:12]})")
+    parsed, recipe_dir = check_recipe(str(recipe))
+    inputs = check_inputs(parsed, recipe_dir, source=str(recipe))
+    stages = " -> ".join(str(s.length) for s in inputs.stages)
+    console.print(f"[green]ok[/] {recipe}: recipe valid (digest {parsed.digest()[:12]}); "
+                  f"stages {inputs.base_length} -> {stages}")
 
 
 def _register_subcommands() -> None:
@@ -165,7 +187,9 @@ _register_subcommands()
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)  # click returns a typer.Exit's code instead of exiting in this mode
     except ScalerWizardError as exc:
         if _state["debug"]:
             raise

@@ -81,3 +81,8 @@ class ContractError(ScalerWizardError):
 
 class RunHalted(ScalerWizardError):
     exit_code = 4
+
+
+# A run that completed but did not pass every gate (status.json: completed_gates_failed,
+# summary.json: verdict gates_failed): not an error, yet never exit 0.
+EXIT_GATES_FAILED = 5

@@ -151,8 +151,9 @@ def _open_run_dir(inputs: RunInputs, resume_point, contract: Path | None, dist) 
         run_dir = resume_point.run_dir
         initial = {k: v for k, v in resume_point.status.items() if k not in ("error", "finished_at")}
         initial["state"] = "awaiting_approval"
-        initial["resumes"] = [*initial.get("resumes", []), {"at": utc_now(), "snapshot": resume_point.snapshot.ref,
-                                                            "step": resume_point.snapshot.step}]
+        snap = resume_point.snapshot
+        initial["resumes"] = [*initial.get("resumes", []), {"at": utc_now(), "snapshot": snap.ref if snap else None,
+                                                            "step": snap.step if snap else 0}]
     else:
         created = dist.agree(lambda: new_run_dir(resolve_path(recipe.run.output_dir),
                                                  planned_run_id(recipe, contract), recipe.run.name),

@@ -9,6 +9,29 @@ from pathlib import Path
 from typing import Any
 
 
+def _plain_numbers(ax: Any) -> None:
+    """Tick labels as plain numbers (256, 512, 60) rather than powers (2^8, 6x10^1)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    if ax.get_yscale() == "log":
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def verdict_html(summary: dict[str, Any]) -> str:
+    """The report's first line: passed, or gates failed with the reasons, in red."""
+    if summary.get("verdict") == "passed":
+        return (f'<p class="verdict pass">PASSED: every gate passed; the model reached '
+                f'{summary.get("reached_length")} tokens.</p>')
+    reasons = "; ".join(summary.get("verdict_reasons") or []) or "see the stages below"
+    return (f'<p class="verdict fail">GATES FAILED: the run ended at {summary.get("reached_length")} of '
+            f'{summary.get("target_length")} tokens ({html.escape(reasons)}).</p>')
+
+
 def _plots(out: Path, summary: dict[str, Any]) -> list[str]:
     import matplotlib
 
@@ -25,6 +48,10 @@ def _plots(out: Path, summary: dict[str, Any]) -> list[str]:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        _plain_numbers(ax)
+        ceiling = (summary.get("thresholds") or {}).get("perplexity_max")
+        if metric == "perplexity" and ceiling:
+            ax.axhline(ceiling, color="#b00020", linestyle="--", label="gate: max perplexity")
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(label)
         ax.legend()
@@ -34,6 +61,27 @@ def _plots(out: Path, summary: dict[str, Any]) -> list[str]:
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
         names.append(fname)
+    passkey = [(f, n) for f, n in ((base, "base (unscaled)"), (final, "scaled"))
+               if any(k.startswith("passkey@") for k in f)]
+    if passkey:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for figures, name in passkey:
+            pts = sorted((int(k.split("@")[1]), v) for k, v in figures.items() if k.startswith("passkey@"))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        floor = (summary.get("thresholds") or {}).get("passkey_min_accuracy")
+        if floor is not None:
+            ax.axhline(floor, color="#b00020", linestyle="--", label="gate: min accuracy")
+        ax.set_xscale("log", base=2)
+        _plain_numbers(ax)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("passkey accuracy")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "passkey_vs_length.png", dpi=110)
+        plt.close(fig)
+        names.append("passkey_vs_length.png")
     grid = summary.get("passkey_by_depth") or {}
     if grid:
         lengths = sorted(grid, key=int)
@@ -69,8 +117,9 @@ def write_report(run_dir: Path, summary: dict[str, Any], base_results: list, fin
     )
     imgs = "".join(f'<img src="{html.escape(n)}" alt="{html.escape(n)}">' for n in images)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Scaler Wizard report {html.escape(summary['run_id'])}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}img{{margin:8px;max-width:48%}}</style></head>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}img{{margin:8px;max-width:48%}}.verdict{{font-size:1.3em;font-weight:bold;padding:8px}}.pass{{color:#176b1f;background:#e6f4e6}}.fail{{color:#fff;background:#b00020}}</style></head>
 <body><h1>Run {html.escape(summary['run_id'])}</h1>
+{verdict_html(summary)}
 <p>{html.escape(str(summary['model']))}: {summary['base_length']} &rarr; {summary['target_length']} tokens with
 <b>{html.escape(summary['method'])}</b>; reached {summary['reached_length']}.</p>
 <h2>Headline</h2><table>{head}</table>

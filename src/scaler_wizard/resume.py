@@ -4,7 +4,8 @@ A run is resumable when its folder says it did not complete, no live process sti
 its recorded recipe is unchanged, and the checkpoint cache holds a snapshot of it that verifies.
 The newest such snapshot is the resume point; its ``data/position.json`` says where in the
 stage loop it was taken (:class:`RunPosition`). Snapshots that do not verify (a kill inside a
-commit, a flipped byte) are skipped by ``CheckpointCache.latest_valid``, never chosen.
+commit, a flipped byte) are skipped by ``CheckpointCache.latest_valid``, never chosen. A run
+interrupted before its first snapshot (nothing trained yet) resumes from the start of its loop.
 
 Everything here only reads; the pipeline does the resuming.
 """
@@ -71,8 +72,8 @@ class ResumePoint:
     recipe_file: Path
     recipe_dir: Path
     recipe_digest: str
-    snapshot: Any  # cache.checkpoints.SnapshotInfo
-    position: RunPosition
+    snapshot: Any  # cache.checkpoints.SnapshotInfo; None: no snapshot yet (restart the loop)
+    position: RunPosition | None
     status: dict[str, Any]
 
 
@@ -123,8 +124,10 @@ def find_resume_point(target: str | Path, output_dir: str | Path = "runs") -> Re
     cache = CheckpointCache(default_cache_root(run_dir.parent))
     snap = cache.latest_valid(run_dir.name)
     if snap is None:
-        raise PlanError(f"Run {run_dir.name} has no valid snapshot in {cache.root} to resume from.",
-                        hint="Start a new run; snapshots are taken every training.snapshot_every steps.")
+        # Interrupted before the first stage-start snapshot (loading, base probes, adding
+        # capacity): nothing was trained, so the run restarts its loop from the beginning.
+        return ResumePoint(run_dir, recipe_file, Path(envelope["recipe_dir"]), envelope.get("recipe_digest", ""),
+                           None, None, status)
     files = cache.open_files(snap, verify=False)  # latest_valid verified it
     saved = read_data_position(files)
     if saved is None:

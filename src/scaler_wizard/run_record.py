@@ -232,6 +232,16 @@ def build_summary(inputs: Any, run_dir: Path, loop: Any, base_results: list, fin
             str(r.length): r.details.get("accuracy_by_depth") for r in base_results if r.probe == "passkey"
         },
         "headline": headline(base_figures, final_figures, inputs.base_length, target, base_ppl),
+        "thresholds": gate_thresholds(recipe, base_ppl),
+    }
+
+
+def gate_thresholds(recipe: Any, base_ppl: float | None) -> dict[str, float | None]:
+    """The stage gates as absolute lines to draw: passkey accuracy floor, perplexity ceiling."""
+    ev = recipe.evaluation
+    return {
+        "passkey_min_accuracy": ev.passkey.min_accuracy if ev.passkey.enabled else None,
+        "perplexity_max": base_ppl * ev.perplexity.max_ratio_to_base if base_ppl and ev.perplexity.enabled else None,
     }
 
 
@@ -274,7 +284,8 @@ class RunRecorder:
         if self.resumed_at is not None:
             # events after the snapshot step were written before the interruption; readers take
             # the latest value of a metric at a step, so the replayed steps supersede them
-            self.writer.log(self.resumed_at.snapshot.step, "run/resumed", 1.0, snapshot=self.resumed_at.snapshot.ref)
+            snap = self.resumed_at.snapshot
+            self.writer.log(snap.step if snap else 0, "run/resumed", 1.0, snapshot=snap.ref if snap else None)
         if recipe.telemetry.remote.url and self.dist.is_main:  # opt-in; names leave only as salted hashes
             from .telemetry.remote import RemoteSink
 
