@@ -10,7 +10,7 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from scaler_wizard.errors import ModelLoadError, PlanError
+from scaler_wizard.errors import DataError, ModelLoadError, PlanError, RecipeError
 from scaler_wizard.recipe import load_recipe, resolve_path
 from scaler_wizard.scaling.hardware import GpuInfo, HardwareProfile
 from scaler_wizard.scaling.plan_cli import hardware as hardware_cmd
@@ -29,6 +29,13 @@ def model_dir(tmp_path) -> Path:
     d.mkdir()
     (d / "config.json").write_text(json.dumps(TINY), encoding="utf-8")
     return d
+
+
+@pytest.fixture
+def data_file(tmp_path) -> Path:
+    f = tmp_path / "corpus.jsonl"
+    f.write_text(json.dumps({"text": "My own training text."}) + "\n", encoding="utf-8")
+    return f
 
 
 @pytest.fixture
@@ -58,12 +65,13 @@ def test_every_template_is_a_valid_recipe(use_case):
 
 
 @pytest.mark.parametrize("use_case", sorted(USE_CASES))
-def test_every_use_case_writes_a_valid_recipe(use_case, model_dir, tmp_path):
-    rec = recommend(use_case, str(model_dir), cpu(16.0))
+def test_every_use_case_writes_a_valid_recipe(use_case, model_dir, tmp_path, data_file):
+    rec = recommend(use_case, str(model_dir), cpu(16.0), data=[str(data_file)])
     out = tmp_path / f"{use_case}.yaml"
     recipe = write_recommendation(rec, out)
     again, _ = load_recipe(out)
     assert again == recipe
+    assert recipe.data.train == [str(data_file.resolve())] and recipe.data.eval == []  # never the demo data
     assert recipe.model.path == str(model_dir.resolve())
     assert recipe.context.target_length == USE_CASES[use_case].context_multiplier * 256
     assert recipe.scaling.lora.rank == rec.plan.options["rank"]
@@ -132,7 +140,7 @@ def test_bad_inputs(model_dir, tmp_path):
         recommend("chat", str(model_dir), cpu(16.0), capacity=0)
 
 
-def test_plan_and_hardware_commands(model_dir, tmp_path):
+def test_plan_and_hardware_commands(model_dir, tmp_path, data_file):
     app = typer.Typer()
     app.command("plan")(plan_cmd)
     app.command("hardware")(hardware_cmd)
@@ -146,9 +154,62 @@ def test_plan_and_hardware_commands(model_dir, tmp_path):
     hw.write_text(cpu(8.0).model_dump_json(), encoding="utf-8")
     out = tmp_path / "recipe.yaml"
     result = runner.invoke(app, ["plan", "--model", str(model_dir), "--use-case", "long_context",
-                                 "--target-context", "1024", "--hardware", str(hw), "-o", str(out), "--explain"])
+                                 "--target-context", "1024", "--hardware", str(hw), "-o", str(out), "--explain",
+                                 "--data", str(data_file)])
     assert result.exit_code == 0, result.output
     assert "why" in result.output and "rank" in result.output
     recipe, _ = load_recipe(out)
     assert recipe.context.target_length == 1024
     assert yaml.safe_load(out.read_text())["scaling"]["lora"]["modules_to_save"] == ["norm"]
+
+
+def test_without_data_the_written_recipe_fails_validation_saying_what_to_fill_in(model_dir, tmp_path):
+    rec = recommend("long_context", str(model_dir), cpu(16.0))
+    assert rec.missing_data
+    out = tmp_path / "recipe.yaml"
+    assert write_recommendation(rec, out) is None
+    text = out.read_text()
+    body = "".join(line for line in text.splitlines(keepends=True) if not line.lstrip().startswith("#"))
+    assert "builtin:demo" not in body  # no demo data, train or eval
+    assert "TODO data.train is empty" in text and "--data FILE" in text
+    assert yaml.safe_load(text)["data"]["train"] == []
+    with pytest.raises(RecipeError) as info:
+        load_recipe(out)
+    assert [path for path, _ in info.value.problems] == ["data.train"]  # everything else is valid
+    # filling in data.train is all it takes
+    edited = yaml.safe_load(text)
+    edited["data"]["train"] = ["corpus.jsonl"]
+    out.write_text(yaml.safe_dump(edited), encoding="utf-8")
+    load_recipe(out)
+
+
+def test_data_options_are_checked(model_dir, tmp_path, data_file):
+    with pytest.raises(DataError, match="no such file"):
+        recommend("chat", str(model_dir), cpu(16.0), data=[str(tmp_path / "missing.jsonl")])
+    with pytest.raises(DataError, match="without --data"):
+        recommend("chat", str(model_dir), cpu(16.0), eval_data=[str(data_file)])
+    rec = recommend("chat", str(model_dir), cpu(16.0), data=["builtin:demo/train.jsonl"],
+                    eval_data=[str(data_file)])
+    assert rec.recipe["data"]["train"] == ["builtin:demo/train.jsonl"]  # asked for explicitly
+    assert rec.recipe["data"]["eval"] == [str(data_file.resolve())]
+
+
+def test_plan_cli_data_options_and_probe_memory(model_dir, tmp_path, data_file):
+    from scaler_wizard.cli import app as cli_app
+
+    runner = CliRunner()
+    hw = tmp_path / "hw.json"
+    hw.write_text(cpu(8.0).model_dump_json(), encoding="utf-8")
+    out = tmp_path / "with-data.yaml"
+    result = runner.invoke(cli_app, ["plan", "--model", str(model_dir), "--hardware", str(hw), "--data",
+                                     str(data_file), "--eval-data", str(data_file), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "probes at 2048 tokens" in result.output and "probe" in result.output
+    recipe, _ = load_recipe(out)
+    assert recipe.data.eval == [str(data_file.resolve())]
+    bare = tmp_path / "no-data.yaml"
+    result = runner.invoke(cli_app, ["plan", "--model", str(model_dir), "--hardware", str(hw), "-o", str(bare)])
+    assert result.exit_code == 0, result.output
+    assert "without training data" in result.output
+    result = runner.invoke(cli_app, ["validate", str(bare)])
+    assert result.exit_code != 0

@@ -47,13 +47,17 @@ def plan(
         None, "--hardware", help="plan for this hardware profile (YAML/JSON) instead of this machine"
     ),
     dataset_tokens: int | None = typer.Option(None, "--dataset-tokens", help="size of your data in tokens"),
+    data: list[str] | None = typer.Option(
+        None, "--data", help="training file(s) for data.train (repeatable); without it data.train is left empty "
+        "and the recipe fails validation until you fill it in"),
+    eval_data: list[str] | None = typer.Option(None, "--eval-data", help="held-out file(s) for data.eval (repeatable)"),
 ) -> None:
     """Recommend a recipe for a use case, this (or a given) machine and a model."""
     profile: HardwareProfile = load_hardware_profile(hardware_file) if hardware_file else detect_hardware(
         output.parent if output else Path(".")
     )
     rec = recommend(use_case, model, profile, target_context=target_context, capacity=capacity,
-                    dataset_tokens=dataset_tokens)
+                    dataset_tokens=dataset_tokens, data=data, eval_data=eval_data)
     p = rec.plan
     budget = "unknown" if p.memory_budget_bytes is None else f"{p.memory_budget_bytes / GiB:.1f} GiB"
     console.print(
@@ -66,6 +70,10 @@ def plan(
         mem.add_column(k, justify="right")
     mem.add_row(*[f"{v:.3f}" for v in p.memory.breakdown_gb().values()])
     console.print(mem)
+    console.print(
+        f"training step ~{p.memory.step_total / GiB:.2f} GiB; probes at {rec.target_length} tokens "
+        f"~{p.memory.probe_total / GiB:.2f} GiB (working set {p.memory.probe / GiB:.3f} GiB, one row, chunked head)"
+    )
     if explain:
         table = Table(title="why")
         table.add_column("field")
@@ -79,5 +87,11 @@ def plan(
     for note in rec.notes:
         console.print(f"[yellow]note:[/] {note}")
     if output:
-        write_recommendation(rec, output)
-        console.print(f"recipe written to {output} (validated); run it with `scaler-wizard run {output}`")
+        written = write_recommendation(rec, output)
+        if written is None:
+            console.print(f"[yellow]recipe written to {output} without training data:[/] fill in data.train "
+                          f"(or re-run with --data FILE), then `scaler-wizard validate {output}`")
+        else:
+            console.print(f"recipe written to {output} (validated); run it with `scaler-wizard run {output}`")
+    elif rec.missing_data:
+        console.print("[yellow]note:[/] no --data given: a written recipe would have an empty data.train")

@@ -12,11 +12,18 @@ recipe) and a few planning defaults (:data:`USE_CASES`). :func:`recommend` adapt
 
 every change is an :class:`Adjustment` with its reason, written as comments atop the recipe, and
 the written file is validated with ``recipe.load_recipe``. Pure except for reading and writing files.
+
+Data. The templates train on the embedded demo data; a written recipe never does unless asked
+(``data=['builtin:demo/train.jsonl']``): ``data`` / ``eval_data`` (``plan --data`` /
+``--eval-data``) name the user's files, and without them ``data.train`` is written empty, with a
+comment saying what to fill in, so ``scaler-wizard validate`` and ``run`` refuse the recipe until
+it names real data (everything else in it is validated before writing).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -24,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ModelLoadError, PlanError
+from ..errors import DataError, ModelLoadError, PlanError
 from ..recipe import ModelSection, Recipe, load_recipe, parse_recipe, resolve_path
 from .hardware import HardwareProfile
 from .memory import GiB, MemoryRequest, ModelDims, estimate_memory, max_seq_len, read_model_dims
@@ -71,15 +78,49 @@ class Recommendation:
     target_length: int
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def missing_data(self) -> bool:
+        """True when no training data was given: ``data.train`` is written empty."""
+        return not self.recipe.get("data", {}).get("train")
+
     def header(self) -> str:
+        mem = self.plan.memory
         lines = [f"Written by `scaler-wizard plan` for use case '{self.use_case}' ({USE_CASES[self.use_case].description}).",
                  f"Model {self.recipe['model']['path']}: base context {self.base_length}, target {self.target_length}.",
-                 f"Estimated peak memory {self.plan.memory.total / GiB:.2f} GiB "
-                 f"({', '.join(f'{k} {v}' for k, v in self.plan.memory.breakdown_gb().items() if k != 'total')} GiB).",
+                 (f"Estimated peak memory {mem.total / GiB:.2f} GiB "
+                  f"({', '.join(f'{k} {v}' for k, v in mem.breakdown_gb().items() if k != 'total')} GiB); "
+                  f"training step {mem.step_total / GiB:.2f} GiB, probes at {self.target_length} tokens "
+                  f"{mem.probe_total / GiB:.2f} GiB."),
                  "Adjustments:"]
         lines += [f"  - {a.line()}" for a in self.adjustments] or ["  (none)"]
         lines += [f"Note: {n}" for n in self.notes]
-        return "".join(f"# {line}\n" for line in lines)
+        if self.missing_data:
+            lines += ["", MISSING_DATA_COMMENT,
+                      "`scaler-wizard validate` and `run` refuse this recipe until data.train names your files."]
+        return "".join(f"# {line}\n" if line else "#\n" for line in lines)
+
+
+MISSING_DATA_COMMENT = ("TODO data.train is empty: list your training files there (jsonl/json/txt/parquet or a saved "
+                        "datasets folder; data.eval for held-out data), or re-run `scaler-wizard plan` with --data FILE "
+                        "[--eval-data FILE].")
+
+
+def _data_paths(paths: list[str] | None, option: str) -> list[str]:
+    """Absolute paths (so the recipe works from any folder) of files that exist; ``builtin:`` kept."""
+    out = []
+    for raw in paths or []:
+        if raw.startswith("builtin:"):
+            resolved = resolve_path(raw)
+            if not resolved.exists():
+                raise DataError(f"{option} {raw}: no such embedded file ({resolved}).")
+            out.append(raw)
+            continue
+        p = Path(raw).expanduser()
+        if not p.exists():
+            raise DataError(f"{option} {raw}: no such file or folder.",
+                            hint="Pass jsonl/json/txt/parquet files or a saved datasets folder.")
+        out.append(str(p.resolve()))
+    return out
 
 
 def template_path(use_case: str) -> Path:
@@ -134,11 +175,18 @@ def recommend(
     target_context: int | None = None,
     capacity: float | None = None,
     dataset_tokens: int | None = None,
+    data: list[str] | None = None,
+    eval_data: list[str] | None = None,
 ) -> Recommendation:
-    """Adapt the use case's template to the model and hardware (see the module docstring)."""
+    """Adapt the use case's template to the model and hardware (see the module docstring).
+    ``data`` / ``eval_data``: the training and held-out files; without ``data`` the recipe's
+    ``data.train`` is empty (see :attr:`Recommendation.missing_data`)."""
     uc = USE_CASES.get(use_case)
     if uc is None:
         raise PlanError(f"Unknown use case {use_case!r}; choose one of {', '.join(USE_CASES)}.")
+    train_files, eval_files = _data_paths(data, "--data"), _data_paths(eval_data, "--eval-data")
+    if eval_files and not train_files:
+        raise DataError("--eval-data was given without --data.", hint="Pass the training files with --data FILE.")
     dims, _ = model_dims_for(model)
     if not dims.max_position_embeddings:
         raise ModelLoadError(f"{model}: config.json has no max_position_embeddings; the base context is unknown.")
@@ -146,6 +194,11 @@ def recommend(
     recipe, adj, notes = load_template(use_case), [], []
     written_path = model if model.startswith("builtin:") else str(resolve_path(model).resolve())
     _set(recipe, "model.path", written_path, "the model you asked for", adj)
+    # never the template's demo data: the user's files, or an empty list that validation refuses
+    recipe.setdefault("data", {}).pop("eval", None)
+    _set(recipe, "data.train", train_files, "--data" if train_files else "no --data given: fill in your files", adj)
+    if eval_files:
+        _set(recipe, "data.eval", eval_files, "--eval-data", adj)
     target = target_context or uc.context_multiplier * base
     if target <= base:
         raise PlanError(f"target context {target} must exceed the model's base context {base}.",
@@ -240,12 +293,24 @@ def _fit(dims, lora_opts, req, budget, hardware, recipe, base, adj, notes) -> tu
     return req, req.seq_len
 
 
-def write_recommendation(rec: Recommendation, output: str | Path) -> Recipe:
-    """Write the recipe (adjustments as header comments) and validate the written file."""
+def write_recommendation(rec: Recommendation, output: str | Path) -> Recipe | None:
+    """Write the recipe (adjustments as header comments) and validate the written file.
+
+    Without training data (:attr:`Recommendation.missing_data`) everything else is validated
+    (with a stand-in for ``data.train``), the file is written with ``data.train: []`` and a
+    comment saying what to fill in, and None is returned: that file fails validation until edited."""
     out = Path(output)
-    parse_recipe(rec.recipe, str(out))  # fail before writing anything invalid
+    checked = rec.recipe
+    if rec.missing_data:
+        checked = {**rec.recipe, "data": {**rec.recipe.get("data", {}), "train": ["your-training-data.jsonl"]}}
+    parse_recipe(checked, str(out))  # fail before writing anything invalid
     out.parent.mkdir(parents=True, exist_ok=True)
     body = yaml.safe_dump(rec.recipe, sort_keys=False, default_flow_style=False)
+    if rec.missing_data:
+        body = re.sub(r"^(\s+)train: \[\]$", lambda m: f"{m.group(1)}# {MISSING_DATA_COMMENT}\n{m.group(0)}",
+                      body, count=1, flags=re.MULTILINE)
     out.write_text(rec.header() + body, encoding="utf-8")
+    if rec.missing_data:
+        return None
     recipe, _ = load_recipe(out)
     return recipe
