@@ -498,8 +498,14 @@ async def _action_body(request: Request) -> ActionBody:
     def _no_constant(name: str) -> Any:
         raise InputError(f"Action body contains {name}; JSON has no NaN or Infinity. Send finite numbers.")
 
+    def _finite(text: str) -> float:
+        value = float(text)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise InputError(f"Action body contains the number {text[:40]}, which is not finite.")
+        return value
+
     try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InputError(f"Action body is not JSON ({str(exc)[:120]}). Send {{\"args\": {{...}}}}.") from None
     try:
