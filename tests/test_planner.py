@@ -46,8 +46,12 @@ def test_breakdown_is_consistent():
     est = estimate_memory(LLAMA_8B, LORA, REQ)
     parts = est.breakdown_gb()
     assert all(v >= 0 for v in parts.values())
-    assert est.total == (est.weights + est.trainable + est.activations + max(est.logits, est.backward)
-                         + est.teacher + est.overhead)
+    assert est.step_total == (est.weights + est.trainable + est.activations + max(est.logits, est.backward)
+                              + est.teacher + est.overhead)
+    # probes run between steps without gradients: the peak is the larger of the two
+    assert est.probe_total == est.weights + est.trainable + est.probe + est.overhead
+    assert est.total == max(est.step_total, est.probe_total) == est.step_total
+    assert 0 < est.probe < est.activations + est.logits
     assert est.backward > 0  # the recomputed layer
     assert est.weights == LLAMA_8B.n_params() * 2  # bf16
     assert est.teacher == 0
