@@ -29,7 +29,7 @@ from .fsutil import utc_now, write_json_atomic
 from .models import attach_strategy, export_merged, load_causal_lm, save_adapter
 from .preflight import RunInputs, check_inputs, load_custom_probes
 from .recipe import Recipe, load_recipe, resolve_path
-from .run_record import Reporter, RunRecorder, RunStatus, build_summary, new_run_dir
+from .run_record import PhaseMarker, Reporter, RunRecorder, RunStatus, build_summary, new_run_dir
 from .safety.guards import RunGuards
 from .training.stage_loop import LoopEnv, LoopResult, StageLoop
 
@@ -68,6 +68,7 @@ def run(
     run_dir, status = _open_run_dir(inputs, resume_point, contract, dist)
     grant = _approve(inputs, run_dir, status, dist, contract=contract, self_approve=self_approve,
                      interactive=interactive, approvers=approvers, resuming=resume_point is not None)
+    reporter = PhaseMarker(reporter, status)  # each phase also goes to status.json
     with RunRecorder(inputs, run_dir, status, grant, dist, resumed_at=resume_point) as record:
         custom_probes = load_custom_probes(recipe, inputs.recipe_dir)  # drop-in code runs only now
 

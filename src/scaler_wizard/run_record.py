@@ -81,6 +81,29 @@ class Reporter:
         pass
 
 
+class PhaseMarker(Reporter):
+    """Passes the pipeline's phases to the person's reporter and records each one in
+    status.json (``phase``): the run's own phase markers, which operators, the cockpit and the
+    fault benchmark read to know where a run is (or was when it stopped)."""
+
+    def __init__(self, inner: Reporter, status: RunStatus):
+        self.inner, self.status = inner, status
+
+    def phase(self, text: str) -> None:
+        self.status.update(phase=text)
+        self.inner.phase(text)
+
+    def start_training(self, stage: Any, total_steps: int) -> None:
+        self.status.update(phase=f"stage {stage.index}: training")
+        self.inner.start_training(stage, total_steps)
+
+    def advance_training(self, step: int) -> None:
+        self.inner.advance_training(step)
+
+    def end_training(self) -> None:
+        self.inner.end_training()
+
+
 def check_run_id(run_id: str) -> str:
     """A run id becomes a folder name under output_dir: a name, never a path."""
     if not isinstance(run_id, str) or not _RUN_ID.match(run_id) or ".." in run_id:
@@ -318,7 +341,9 @@ class RunRecorder:
         self.writer.log(summary["total_steps"], "system/peak_rss_gb", summary["peak_rss_gb"])
         self.writer.log(summary["total_steps"], "run/verdict_passed", float(summary["verdict"] == VERDICT_PASSED))
         self._close_sinks(summary)
+        self.status.update(phase="writing the report")
         write_report(self.run_dir, summary, base_results, final_results)
+        self.status.update(phase="writing the summary")
         write_json_atomic(self.run_dir / "summary.json", summary)
         state = STATE_BY_VERDICT[summary["verdict"]]
         close_run(self.grant, state)

@@ -196,6 +196,7 @@ class StageLoop:
         pos.complete, pos.finished = True, decision in ENDS_THE_RUN or stage.index == len(env.stages)
         pos.model_length = previous_length if decision in ENDS_THE_RUN else stage.length
         pos.stage_step, pos.trainer_state = 0, None
+        env.status.update(phase=f"stage {stage.index}: stage-complete snapshot")
         self._snapshot(stage.index, pinned=True, metrics=flatten_results(results))
         if not pos.finished:
             self._manual_gate(stage, already=approved)
@@ -361,6 +362,7 @@ class StageLoop:
             return
         from ..safety.guards import wait_for_approval
 
+        env.status.update(phase=f"stage {stage.index}: manual gate")
         env.dist.agree(lambda: wait_for_approval(env.guards, env.status, env.writer, stage, self.pos.global_step,
                                                  already=already, timeout_s=env.recipe.context.manual_gate_timeout_s),
                        "the manual gate")
