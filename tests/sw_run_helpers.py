@@ -102,7 +102,6 @@ class Project:
 
     def run(self, *args: str, contract: bool | Path = True, recipe: Path | None = None) -> Result:
         """`scaler-wizard run RECIPE [--contract FILE] ARGS...` through the real entry point."""
-        from scaler_wizard import cli
 
         argv = ["scaler-wizard", "run", str(recipe or self.recipe_path)]
         if contract is True:

@@ -12,7 +12,6 @@ import shutil
 
 import pytest
 from sw_run_helpers import (
-    RUN_ID,
     assert_refused,
     audit_records,
     make_project,

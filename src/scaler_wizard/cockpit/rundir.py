@@ -126,6 +126,28 @@ def open_beneath(root: Path, path: Path, flags: int = os.O_RDONLY, mode: int = 0
     return out
 
 
+def open_dir_beneath(root: Path, path: Path, *, create: bool = False) -> int:
+    """A descriptor of the folder ``path`` below ``root``, every component opened ``O_NOFOLLOW |
+    O_DIRECTORY`` from its parent (created 0700 when missing and ``create``). Raises OSError."""
+    root_abs, parts = _parts_beneath(root, path)
+    fd = os.open(root_abs, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
+    try:
+        for comp in parts:
+            try:
+                nfd = os.open(comp, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                os.mkdir(comp, 0o700, dir_fd=fd)
+                nfd = os.open(comp, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def read_bytes_beneath(root: Path, path: Path, limit: int | None = None) -> bytes | None:
     """The bytes of a regular file under ``root`` (no symlink followed), or None when it is missing,
     not a regular file, a symlink, over ``limit`` or unreadable."""

@@ -37,6 +37,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import math
 import os
 import secrets
 import socket
@@ -61,11 +62,10 @@ from .rundir import (
     RunNotFoundError,
     SafeJsonlTail,
     append_control,
-    append_jsonl,
     check_name,
-    open_beneath,
     list_runs,
     list_snapshots,
+    open_dir_beneath,
     read_json,
     read_records,
     resolve_run_dir,
@@ -155,27 +155,39 @@ class CockpitAudit:
             self._write(line, fsync=True)
 
     def _write(self, line: bytes, *, fsync: bool) -> bool:
+        """Append through a descriptor of ``.cockpit`` reached without symlinks; the file is opened
+        ``O_NOFOLLOW`` relative to it and must be regular; rotation renames within that folder."""
+        import stat as _stat
+
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        name = self.path.name
         try:
-            fd = open_beneath(self.runs_dir, self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600,
-                              create_dirs=True)
-            try:
-                if os.fstat(fd).st_size + len(line) > self.max_bytes:
-                    os.close(fd)
-                    fd = -1
-                    # rename() acts on the directory entry (never follows a link); .cockpit was just
-                    # reached without a symlink by open_beneath
-                    os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-                    fd = open_beneath(self.runs_dir, self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600,
-                                      create_dirs=True)
-                os.write(fd, line)
-                if fsync:
-                    os.fsync(fd)
-            finally:
-                if fd >= 0:
-                    os.close(fd)
-            return True
+            dfd = open_dir_beneath(self.runs_dir, self.path.parent, create=True)
         except OSError:  # a read-only runs folder or a planted link must not take the cockpit down
             return False
+        fd = -1
+        try:
+            fd = os.open(name, flags, 0o600, dir_fd=dfd)
+            st = os.fstat(fd)
+            if not _stat.S_ISREG(st.st_mode):
+                return False
+            if st.st_size + len(line) > self.max_bytes:
+                os.close(fd)
+                fd = -1
+                os.rename(name, name + ".1", src_dir_fd=dfd, dst_dir_fd=dfd)  # replaces the old generation
+                fd = os.open(name, flags, 0o600, dir_fd=dfd)
+                if not _stat.S_ISREG(os.fstat(fd).st_mode):
+                    return False
+            os.write(fd, line)
+            if fsync:
+                os.fsync(fd)
+            return True
+        except OSError:
+            return False
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            os.close(dfd)
 
 
 @dataclass
@@ -500,7 +512,7 @@ async def _action_body(request: Request) -> ActionBody:
 
     def _finite(text: str) -> float:
         value = float(text)
-        if value != value or value in (float("inf"), float("-inf")):
+        if not math.isfinite(value):
             raise InputError(f"Action body contains the number {text[:40]}, which is not finite.")
         return value
 

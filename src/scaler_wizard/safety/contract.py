@@ -1034,7 +1034,9 @@ def bound_path(f: BoundFile, recipe_dir: Path) -> Path:
 
 def compare_bound_files(approved: list[BoundFile], actual: list[BoundFile]) -> None:
     """Every approved file is present with its approved bytes, and nothing was added."""
-    key = lambda f: (f.role, f.root, f.rel)  # noqa: E731
+    def key(f: BoundFile) -> tuple[str, str, str]:
+        return (f.role, f.root, f.rel)
+
     a, b = {key(f): f for f in approved}, {key(f): f for f in actual}
     for k in sorted(set(a) | set(b)):
         if k not in b:
@@ -1508,6 +1510,7 @@ __all__ = [
     "SIGNOFF_SENTENCE",
     "Approver",
     "ApproversFile",
+    "BoundFile",
     "Contract",
     "ContractBody",
     "DataIdentity",
@@ -1518,9 +1521,13 @@ __all__ = [
     "Signature",
     "TrustPolicy",
     "VerifiedContract",
+    "VerifiedScope",
     "add_trusted_approver",
+    "bound_files",
     "canonical_json",
     "check_bindings",
+    "check_run_id",
+    "compare_bound_files",
     "config_home",
     "contract_summary",
     "data_identity",
@@ -1530,31 +1537,26 @@ __all__ = [
     "dump_detached",
     "ensure_local_key",
     "find_approvers_file",
-    "BoundFile",
-    "VerifiedScope",
-    "bound_files",
-    "check_run_id",
-    "compare_bound_files",
-    "hash_regular",
-    "open_regular",
-    "project_approvers_file",
-    "read_regular",
-    "read_verified",
-    "resolve_trust_policy",
-    "user_approvers_file",
-    "valid_run_id",
     "generate_keypair",
+    "hash_regular",
     "key_id",
     "load_contract",
     "load_private_key",
     "load_trust_policy",
     "local_approver_name",
     "model_identity",
+    "open_regular",
     "parse_contract",
     "parse_public_key",
     "plan_scope",
+    "project_approvers_file",
     "public_key_text",
+    "read_regular",
+    "read_verified",
+    "resolve_trust_policy",
     "revoke_key",
     "sign_contract",
+    "user_approvers_file",
+    "valid_run_id",
     "verify_contract",
 ]
