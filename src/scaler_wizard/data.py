@@ -190,8 +190,6 @@ def build_stage_rows(
     modelling -- would silently lower the recipe's passkey share of compute by about half. The
     row order is fixed by ``seed``.
     """
-    from .evaluation.passkey import KEY_RANGE
-
     if len(stream) < length + 1:
         raise DataError(
             f"The training data has {len(stream)} tokens, fewer than one {length}-token window.",
@@ -215,19 +213,7 @@ def build_stage_rows(
         start = rng.randrange(0, len(stream) - length)
         return stream[start : start + length]
 
-    drawn = [0]
-
-    def passkey_example() -> tuple[list[int], list[int]]:
-        # Depth-stratified: the k-th example's key lies in stratum k mod 10 of the haystack, so
-        # every depth is trained equally often in each stage (a uniform draw leaves gaps in a
-        # stage of a few dozen examples).
-        stratum, drawn[0] = drawn[0] % DEPTH_STRATA, drawn[0] + 1
-        size, depth, key = rng.randint(min_pk, length), (stratum + rng.random()) / DEPTH_STRATA, rng.randint(*KEY_RANGE)
-        ex = (passkey_builder.build(size, depth, key, rng=rng) if hasattr(passkey_builder, "builders")
-              else passkey_builder.build(size, depth, key))
-        ids = ex.input_ids
-        return ids, [-100] * len(ex.prompt_ids) + ids[len(ex.prompt_ids) :]
-
+    passkey_example = _passkey_examples(passkey_builder, rng, min_pk, length)
     if pack:
         return _packed_stage_rows(kinds, length, lm_window, passkey_example, pad_id)
 
@@ -246,6 +232,26 @@ def build_stage_rows(
             rows.attention_mask.append([1] * len(ids) + [0] * pad)
         rows.task.append(kind)
     return rows
+
+
+def _passkey_examples(builder: Any, rng: random.Random, min_len: int, length: int):
+    """A function drawing the next synthetic retrieval example as (ids, labels): answer-only
+    labels, a length in [min_len, length], a key depth from the next of ``DEPTH_STRATA`` bands
+    (cycled, so every depth is trained equally often even in a short stage), and with a
+    ``MixedTemplateBuilder`` a training wording drawn from the same seeded ``rng``."""
+    from .evaluation.passkey import KEY_RANGE
+
+    drawn = [0]
+
+    def example() -> tuple[list[int], list[int]]:
+        stratum, drawn[0] = drawn[0] % DEPTH_STRATA, drawn[0] + 1
+        size, depth, key = rng.randint(min_len, length), (stratum + rng.random()) / DEPTH_STRATA, rng.randint(*KEY_RANGE)
+        ex = (builder.build(size, depth, key, rng=rng) if hasattr(builder, "builders")
+              else builder.build(size, depth, key))
+        ids = ex.input_ids
+        return ids, [-100] * len(ex.prompt_ids) + ids[len(ex.prompt_ids) :]
+
+    return example
 
 
 def _packed_stage_rows(kinds: list[int], length: int, lm_window, passkey_example, pad_id: int) -> StageRows:

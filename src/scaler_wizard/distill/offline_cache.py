@@ -146,7 +146,6 @@ def build_cache(
     manifest. The folder is written under a temporary name and renamed when complete, so an
     interrupted build never leaves a folder that looks valid."""
     import torch
-    from safetensors.torch import save_file
 
     from .. import __version__
     from ..fsutil import utc_now, write_json_atomic
@@ -170,34 +169,16 @@ def build_cache(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
 
-    device = head.weight.device
-    store_dtype = getattr(torch, logprob_dtype)
     was_training = model.training
     model.eval()
-    shards = []
     try:
         with torch.no_grad():
-            for shard_index, shard_start in enumerate(range(0, len(rows), rows_per_shard)):
-                shard_rows = rows[shard_start : shard_start + rows_per_shard]
-                ids_parts, lp_parts = [], []
-                for b in range(0, len(shard_rows), batch_size):
-                    input_ids = torch.tensor(shard_rows[b : b + batch_size], dtype=torch.long, device=device)
-                    hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
-                    ids, lps = teacher_topk(hidden, head.weight, head.bias, k=k, temperature=temperature,
-                                            chunk_size=chunk_size)
-                    ids_parts.append(ids.to("cpu", torch.int32))
-                    lp_parts.append(lps.to("cpu", store_dtype))
-                    if progress is not None:
-                        progress(len(input_ids))
-                tensors = {
-                    "input_ids": torch.tensor(shard_rows, dtype=torch.int32),
-                    "topk_ids": torch.cat(ids_parts).contiguous(),
-                    "topk_logprobs": torch.cat(lp_parts).contiguous(),
-                }
-                path = tmp / shard_name(shard_index)
-                save_file(tensors, str(path), metadata={"format": CACHE_FORMAT})
-                shards.append({"file": path.name, "rows": [shard_start, shard_start + len(shard_rows)],
-                               "sha256": file_sha256(path)})
+            shards = [
+                _write_shard(decoder, head, rows[start : start + rows_per_shard], start, tmp / shard_name(index),
+                             k=k, temperature=temperature, batch_size=batch_size, chunk_size=chunk_size,
+                             store_dtype=getattr(torch, logprob_dtype), progress=progress)
+                for index, start in enumerate(range(0, len(rows), rows_per_shard))
+            ]
     finally:
         model.train(was_training)
 
@@ -220,6 +201,32 @@ def build_cache(
         shutil.rmtree(output_dir)
     tmp.rename(output_dir)
     return manifest
+
+
+def _write_shard(decoder: Any, head: Any, shard_rows: Sequence[Sequence[int]], shard_start: int, path: Path, *,
+                 k: int, temperature: float, batch_size: int, chunk_size: int, store_dtype: Any,
+                 progress: Any) -> dict[str, Any]:
+    """One safetensors shard of the cache: the rows, the teacher's top-k ids and log-probs."""
+    import torch
+    from safetensors.torch import save_file
+
+    device = head.weight.device
+    ids_parts, lp_parts = [], []
+    for b in range(0, len(shard_rows), batch_size):
+        input_ids = torch.tensor(shard_rows[b : b + batch_size], dtype=torch.long, device=device)
+        hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+        ids, lps = teacher_topk(hidden, head.weight, head.bias, k=k, temperature=temperature, chunk_size=chunk_size)
+        ids_parts.append(ids.to("cpu", torch.int32))
+        lp_parts.append(lps.to("cpu", store_dtype))
+        if progress is not None:
+            progress(len(input_ids))
+    tensors = {
+        "input_ids": torch.tensor(shard_rows, dtype=torch.int32),
+        "topk_ids": torch.cat(ids_parts).contiguous(),
+        "topk_logprobs": torch.cat(lp_parts).contiguous(),
+    }
+    save_file(tensors, str(path), metadata={"format": CACHE_FORMAT})
+    return {"file": path.name, "rows": [shard_start, shard_start + len(shard_rows)], "sha256": file_sha256(path)}
 
 
 # --------------------------------------------------------------------------------------------
