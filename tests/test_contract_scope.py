@@ -461,3 +461,14 @@ def test_legacy_version_1_contracts_are_refused_with_the_reason(proj):
         "contract_version: 2", "contract_version: 1")
     with pytest.raises(ContractError, match="binds only config.json"):
         C.parse_contract(text)
+
+
+def test_self_approval_default(tmp_path, home, keys):
+    """Off wherever the user's file names someone else to ask; explicit-only where nobody is named."""
+    assert C.resolve_trust_policy(None).allow_self_approval is None  # no file: explicit only
+    _write(home / "approvers.yaml", revoked=[{"key_id": keys["bob"].key_id}])
+    assert C.resolve_trust_policy(None).allow_self_approval is None  # names nobody: explicit only
+    _write(home / "approvers.yaml", approvers=[_entry(keys, "alice")])
+    assert C.resolve_trust_policy(None).allow_self_approval is False  # alice is there to ask
+    _write(home / "approvers.yaml", approvers=[_entry(keys, "alice")], allow_self_approval=True)
+    assert C.resolve_trust_policy(None).allow_self_approval is True

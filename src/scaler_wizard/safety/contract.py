@@ -475,8 +475,9 @@ class ApproversFile(_Strict):
     approvers_version: Literal[1] = APPROVERS_VERSION
     required_signatures: int = Field(1, ge=1, le=64, description="k of k-of-n: signatures every contract needs")
     allow_self_approval: bool | None = Field(
-        None, description="may a person approve their own run with their local key; unset counts as false "
-        "(only a user without any approvers file may self-approve, and only explicitly)")
+        None, description="may a person approve their own run with their local key (--self-approve or the typed "
+        "signoff); unset: false as soon as the file names approvers (there is someone else to ask), else only "
+        "an explicit self-approval")
     max_validity_days: int | None = Field(
         None, ge=1, le=MAX_VALIDITY_DAYS_LIMIT,
         description=f"longest validity window a contract may have (default {DEFAULT_MAX_VALIDITY_DAYS} days)")
@@ -495,9 +496,10 @@ class Approver:
 class TrustPolicy:
     """Who may approve, which keys are revoked, how many signatures a contract needs.
 
-    ``allow_self_approval``: True (a trust file allows it), False (forbidden, or a trust file that
-    does not say), None (no approvers file at all: an *explicit* self-approval by the person at the
-    keyboard -- ``--self-approve`` or the typed signoff sentence -- is accepted)."""
+    ``allow_self_approval``: True (the user's file allows it), False (forbidden: said so by a file,
+    or the user's file names approvers and does not say), None (nobody to ask: no user file, or one
+    that names no approvers -- an *explicit* self-approval by the person at the keyboard,
+    ``--self-approve`` or the typed signoff sentence, is accepted)."""
 
     approvers: dict[str, Approver] = field(default_factory=dict)  # by key id
     revoked: dict[str, RevokedEntry] = field(default_factory=dict)
@@ -575,11 +577,15 @@ def _approvers_of(doc: ApproversFile, path: Path) -> dict[str, Approver]:
 
 
 def load_trust_policy(path: Path | None) -> TrustPolicy:
-    """One trust file on its own (as the user's file: an unset ``allow_self_approval`` is false)."""
+    """One trust file on its own, as the user's file (an unset ``allow_self_approval`` is false when
+    the file names approvers, else None: explicit self-approval only)."""
     if path is None:
         return TrustPolicy()
     doc = read_approvers_file(path)
-    policy = TrustPolicy(required_signatures=doc.required_signatures, allow_self_approval=bool(doc.allow_self_approval),
+    allow = doc.allow_self_approval
+    if allow is None and doc.approvers:
+        allow = False
+    policy = TrustPolicy(required_signatures=doc.required_signatures, allow_self_approval=allow,
                          source=Path(path), max_validity_days=doc.max_validity_days or DEFAULT_MAX_VALIDITY_DAYS,
                          sources=(f"{path} (user)",))
     for entry in doc.revoked:
@@ -1492,7 +1498,11 @@ def contract_summary(body: ContractBody) -> str:
             f"(sha256 {s.data.sha256[:16]}...)"),
             (f"Strategy          {s.strategy}; context {s.base_length} -> {s.target_length} tokens with "
             f"{s.context_method}, stages {s.stage_lengths}"),
-            f"Limits            {s.max_steps} steps, {s.max_tokens} training tokens, {hours:.2f} h wall time",
+            (f"Bound files       {len(s.files)} file(s) by sha256 ("
+             + ", ".join(f"{r.replace('_', ' ')} {sum(f.role == r for f in s.files)}" for r in BOUND_ROLES
+                         if any(f.role == r for f in s.files)) + ")"),
+            f"Limits            {s.max_steps} steps (work done, rollbacks included), {s.max_tokens} training tokens, "
+            f"{hours:.2f} h wall time",
             f"Rollback          {body.rollback_plan.to}{' ' + body.rollback_plan.snapshot if body.rollback_plan.snapshot else ''}",
             f"Recipe digest     {body.recipe_digest}",
             f"Valid             {body.approved_at} to {body.expires_at}",

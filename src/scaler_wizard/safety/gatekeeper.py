@@ -379,10 +379,12 @@ def authorize_run(
     and bind this run, recipe and every bound input file; it is then recorded as consumed in the
     user's replay ledger. Without it: ``interactive`` (a terminal) shows the summary and asks for
     the signoff sentence; ``self_approve`` (e.g. ``make demo``) approves without asking, printed
-    and recorded. Both sign with the local key; they are refused when the trust policy says
-    ``allow_self_approval: false`` -- which it does by default once the user keeps an approvers
-    file (only that file can set it to true; a project file can only turn it off) -- or needs more
-    than one signature. ``max_wall_time_s`` only applies to contracts drafted here."""
+    and recorded. Both sign with the local key. Self-approval is off by default wherever there is
+    someone else to ask: refused when a trust file says ``allow_self_approval: false``, when the
+    user's approvers file names approvers and does not say ``true`` (only the user's own file can
+    allow it; a project file can only turn it off), or when more than one signature is needed.
+    With no approvers file (a fresh install, ``make demo``) the explicit flag or the typed sentence
+    is accepted. ``max_wall_time_s`` only applies to contracts drafted here."""
     check_run_id(run_id)  # before anything is written
     if Path(run_dir).name != run_id:
         raise ContractError(f"Internal: run folder {run_dir} does not match run id {run_id!r}.")
@@ -447,8 +449,9 @@ def _self_approve(recipe, recipe_dir, run_id, trust: TrustPolicy, *, interactive
                   now) -> tuple[VerifiedContract, tuple[Approver, ...]]:
     if trust.allow_self_approval is False:
         raise ContractError(
-            f"Self-approval is not allowed by the trust policy ({trust.describe_source()}): an approvers file that "
-            "does not say `allow_self_approval: true` forbids it, and only the user's own file can allow it.",
+            f"Self-approval is not allowed by the trust policy ({trust.describe_source()}): it says "
+            "`allow_self_approval: false`, or your approvers file names approvers and does not say "
+            "`allow_self_approval: true` (then runs need their signatures); only your own file can allow it.",
             hint="Draft a contract with `scaler-wizard contract draft RECIPE` and have it signed, or set "
             "allow_self_approval: true in your own approvers file.",
         )
