@@ -120,15 +120,17 @@ def _release_memory(device) -> None:
 
 
 def probe_memory_budget(model: Any) -> int | None:
-    """Bytes a probe's working set may use on the model's device: 90% of the free GPU memory, or
-    70% of the available RAM on CPU (the weights are loaded already); None when unknown."""
+    """Bytes a probe's working set may use on the model's device: 90% of the free GPU memory
+    (with what PyTorch's caching allocator holds unused), or 70% of the available RAM on CPU (the
+    weights are loaded already); None when unknown."""
     import torch
 
     device = _device(model)
     try:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
-            return int(0.9 * free)
+            cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            return int(0.9 * (free + max(0, cached)))
         if device.type == "cpu":
             import psutil
 
@@ -259,7 +261,7 @@ def self_check(model: Any, path: HeadPath, ids) -> HeadPath:
             ours = path.logits(_decoder_hidden(path, probe_ids)).float().log_softmax(-1)
         except Exception as exc:  # noqa: BLE001 - an unusual decoder signature: use the full path
             return HeadPath(reason=f"decoder call failed ({type(exc).__name__}: {exc})")
-        theirs = model(input_ids=probe_ids, use_cache=False).logits.float().log_softmax(-1)
+        theirs = model(input_ids=probe_ids).logits.float().log_softmax(-1)
     half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
     tol = 5e-2 if half else 1e-3
     diff = (ours - theirs).abs().max().item()
