@@ -1501,8 +1501,8 @@ def contract_summary(body: ContractBody) -> str:
             (f"Bound files       {len(s.files)} file(s) by sha256 ("
              + ", ".join(f"{r.replace('_', ' ')} {sum(f.role == r for f in s.files)}" for r in BOUND_ROLES
                          if any(f.role == r for f in s.files)) + ")"),
-            f"Limits            {s.max_steps} steps (work done, rollbacks included), {s.max_tokens} training tokens, "
-            f"{hours:.2f} h wall time",
+            (f"Limits            {s.max_steps} steps (work done, rollbacks included), {s.max_tokens} training "
+             f"tokens, {hours:.2f} h wall time"),
             f"Rollback          {body.rollback_plan.to}{' ' + body.rollback_plan.snapshot if body.rollback_plan.snapshot else ''}",
             f"Recipe digest     {body.recipe_digest}",
             f"Valid             {body.approved_at} to {body.expires_at}",
