@@ -472,3 +472,19 @@ def test_self_approval_default(tmp_path, home, keys):
     assert C.resolve_trust_policy(None).allow_self_approval is False  # alice is there to ask
     _write(home / "approvers.yaml", approvers=[_entry(keys, "alice")], allow_self_approval=True)
     assert C.resolve_trust_policy(None).allow_self_approval is True
+
+
+def test_bytes_read_before_the_approval_are_verified_after_it(proj):
+    """The data TOCTOU: the preflight reads (and hashes) the data, the file is restored before the gate
+    hashes it; verify_read compares what was *read* with the approval and refuses."""
+    _, folder, scope = proj
+    data = folder / "train.jsonl"
+    original = data.read_bytes()
+    data.write_text('{"text": "poison"}\n')
+    _, n, sha = C.read_and_hash(data)
+    data.write_bytes(original)
+    v = C.VerifiedScope.of(scope, folder)
+    with pytest.raises(ContractError, match="bytes read .* are not the approved ones"):
+        v.verify_read(data, n, sha)
+    _, n, sha = C.read_and_hash(data)
+    v.verify_read(data, n, sha)

@@ -1107,6 +1107,17 @@ class VerifiedScope:
         self.reads.append((f.label, digest))
         return data
 
+    def verify_read(self, path: Path | str, nbytes: int, sha256: str) -> None:
+        """Bytes read *before* the approval (``read_and_hash``, e.g. data parsed by the preflight) are
+        the approved ones: same size and sha256 as the signed scope says, or ContractError."""
+        f = self.entry(path)
+        if nbytes != f.bytes or sha256 != f.sha256:
+            raise ContractError(
+                f"The {f.label} changed after the contract was signed: the bytes read ({sha256[:12]}..., {nbytes} "
+                f"bytes) are not the approved ones ({f.sha256[:12]}..., {f.bytes} bytes). The run stops.",
+                hint="Restore the approved file, or draft and sign a new contract.")
+        self.reads.append((f.label, sha256))
+
     def roots(self, role: str) -> list[str]:
         return list(dict.fromkeys(f.root for f in self.files if f.role == role))
 
@@ -1167,6 +1178,13 @@ class VerifiedScope:
         files = [FileDigest(name=f"{f.root}/{f.rel}" if f.rel else f.root, bytes=f.bytes, sha256=f.sha256)
                  for f in self.files if f.role == "data"]
         return sha256_hex(canonical_json([x.model_dump() for x in files]))
+
+
+def read_and_hash(path: Path | str, what: str = "file") -> tuple[bytes, int, str]:
+    """(bytes, size, sha256) of a regular file read once without following a symlink: for input
+    read before the approval; pass size and sha256 to :meth:`VerifiedScope.verify_read` after it."""
+    data = read_regular(path, what)
+    return data, len(data), sha256_hex(data)
 
 
 def read_verified(scope: Scope | VerifiedScope, path: Path | str, recipe_dir: Path | None = None) -> bytes:
@@ -1561,6 +1579,7 @@ __all__ = [
     "plan_scope",
     "project_approvers_file",
     "public_key_text",
+    "read_and_hash",
     "read_regular",
     "read_verified",
     "resolve_trust_policy",

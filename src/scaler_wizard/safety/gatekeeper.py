@@ -26,6 +26,23 @@ re-issue, so it was removed (issue 14). What binds a running run instead:
 * the *wall time*: ``grant.expires_at`` = approval time + the approved ``max_wall_time_s``;
 * the *replay ledger* (:class:`ReplayLedger`) in ``$SCALER_WIZARD_HOME/state``: a contract id
   authorises one run (its own resumes included), whatever happens to the runs folder.
+
+What the pipeline does with a grant (issue 14; tests/test_contract_battery_run.py lists the cases
+each step unlocks):
+
+1. load the model and tokenizer from ``grant.materialize("model", recipe.model.path,
+   run_dir / ".verified" / "model")`` (a 0700 copy of exactly the approved bytes, hashed while
+   copied), the teacher from ``grant.materialize("teacher", ...)``, the offline cache from
+   ``grant.materialize("distill_cache", ...)`` and the drop-in probes from
+   ``grant.materialize("probe_code", d)`` for each ``evaluation.probe_dirs`` entry;
+2. data read before the approval is read with ``contract.read_and_hash`` and checked after it
+   with ``grant.verified.verify_read(path, size, sha256)`` (or read after it with
+   ``grant.read_verified``);
+3. charge ``grant.work.charge(1, tokens_per_step)`` before every optimizer step (restore it from
+   the position on resume: ``grant.work.restore(...)``);
+4. at every stage boundary ``check_scope(grant, ..., steps_so_far=<work done>,
+   tokens_so_far=grant.work.tokens, stage_tokens=..., data_sha256=..., recheck_files=True,
+   require_counts=True)``.
 """
 
 from __future__ import annotations
