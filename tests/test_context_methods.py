@@ -139,7 +139,7 @@ def test_longrope_consumes_factor_lists():
 def test_unknown_parameter_and_method():
     with pytest.raises(UnsupportedMethodError, match="Unknown parameter"):
         M.scaled_config(tiny_config(), "yarn", BASE, TARGET, {"beta_fats": 32})
-    with pytest.raises(UnsupportedMethodError, match="Available"):
+    with pytest.raises(UnsupportedMethodError, match="available: .*linear.*yarn"):
         M.get_context_method("nope")
 
 
@@ -192,7 +192,7 @@ def test_registry_plugin_checks():
         with pytest.raises(PluginError, match="already registered"):
             M.register_context_method(Good())
     finally:
-        M._REGISTRY.pop("my_method", None)
+        M.unregister_context_method("my_method")
 
     class NoName:
         encodings = frozenset({"rope"})
@@ -235,10 +235,15 @@ def test_entry_point_plugin_is_discovered_and_broken_one_skipped(monkeypatch):
         return [EP("ep_method", Plugin), EP("broken", ImportError("no module named x"))]
 
     monkeypatch.setattr(metadata, "entry_points", fake_entry_points)
-    monkeypatch.setattr(M, "_entry_points_loaded", False)
     try:
         with pytest.warns(UserWarning, match="broken"):
-            names = M.available_methods()
+            problems = M.load_plugins(reload=True)
+        assert len(problems) == 1 and "no module named x" in problems[0]
+        names = M.available_methods()
         assert "ep_method" in names and "yarn" in names
+        with pytest.raises(UnsupportedMethodError, match="Plugins that failed to load: broken"):
+            M.get_context_method("missing_one")
     finally:
-        M._REGISTRY.pop("ep_method", None)
+        M.unregister_context_method("ep_method")
+        monkeypatch.undo()
+        M.load_plugins(reload=True)

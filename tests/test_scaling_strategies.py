@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from scaler_wizard.errors import PlanError, PluginError
+from scaler_wizard.models import export_merged
 from scaler_wizard.scaling import strategies as st
 from scaler_wizard.scaling.memory import ModelDims, trainable_params
 
@@ -34,6 +35,20 @@ def ids(n: int = 24) -> torch.Tensor:
 
 def n_trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class _NoTokenizer:
+    """export_merged saves the tokenizer beside the weights; these tests have none."""
+
+    def save_pretrained(self, path):
+        pass
+
+
+def export(model, out: Path) -> Path:
+    """What the pipeline does for every strategy: merge if adapters, save, reload, compare."""
+    check = export_merged(model, _NoTokenizer(), out, ids(16)[0].tolist(), 16, "float32")
+    assert check["max_abs_logit_diff"] < 1e-5
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -99,7 +114,7 @@ def test_block_expansion_trains_then_exports_a_plain_model(tmp_path):
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     assert model.model.layers[1].mlp.down_proj.weight.abs().sum() > 0  # the new block learned
 
-    out = strat.export(model.eval(), tmp_path / "grown")
+    out = export(model.eval(), tmp_path / "grown")
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 4
     assert not any("scaler" in k for k in config)
@@ -136,7 +151,7 @@ def test_lora_plan_counts_what_peft_trains(options):
 def test_lora_export_is_plain(tmp_path):
     strat = st.get_strategy("lora")
     model = strat.prepare(tiny_model(), {"rank": 4})
-    out = strat.export(model, tmp_path / "merged")
+    out = export(model, tmp_path / "merged")
     reloaded = AutoModelForCausalLM.from_pretrained(str(out))
     assert not any("lora" in n for n, _ in reloaded.named_parameters())
 
@@ -163,21 +178,21 @@ class _Good:
     def prepare(self, model, options):
         return model
 
-    def export(self, model, output_dir):
-        return output_dir
-
 
 def test_register_strategy_checks_the_protocol():
-    class NoExport:
-        name = "no_export"
+    class NoPrepare:  # could be planned, but would train nothing: refused at registration
+        name = "no_prepare"
         description = "x"
 
         def plan(self, dims, options): ...
 
-        def prepare(self, model, options): ...
-
-    with pytest.raises(PluginError, match="export"):
-        st.register_strategy(NoExport())
+    with pytest.raises(PluginError, match="missing prepare"):
+        st.register_strategy(NoPrepare())
+    assert "no_prepare" not in st.available_strategies()
+    no_description = _Good()
+    no_description.description = None
+    with pytest.raises(PluginError, match="description"):
+        st.register_strategy(no_description)
     bad_name = _Good()
     bad_name.name = "not an identifier"
     with pytest.raises(PluginError, match="identifier"):

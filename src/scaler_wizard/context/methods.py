@@ -9,7 +9,8 @@ carries ``rope_theta``); the inverse frequencies are then computed by transforme
 ``ROPE_INIT_FUNCTIONS``, so we never hand-write attention.
 
 Plugins: register with :func:`register_context_method` or expose an object through the
-entry-point group ``scaler_wizard.context_methods``.
+entry-point group ``scaler_wizard.context_methods``; every method lives in :data:`METHODS` (a
+:class:`scaler_wizard.registry.Registry`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from ..errors import PluginError, UnsupportedMethodError
+from ..registry import Registry
 
 ENTRY_POINT_GROUP = "scaler_wizard.context_methods"
 POSITION_ENCODINGS = ("rope", "alibi", "learned")
@@ -309,42 +311,42 @@ _BUILTINS: dict[str, ContextMethod] = {
     "alibi": AlibiExtrapolation(name="alibi"),
     "learned_table": LearnedTableResize(name="learned_table"),
 }
-_REGISTRY: dict[str, ContextMethod] = dict(_BUILTINS)
-_entry_points_loaded = False
+def _check_method(method: Any) -> None:
+    """The ContextMethod protocol, and encodings from :data:`POSITION_ENCODINGS`."""
+    missing = [attr for attr in ("name", "encodings", "validate_params", "update_config") if not hasattr(method, attr)]
+    if missing:
+        raise PluginError(f"Context method {method!r} lacks {missing}; implement the ContextMethod protocol.")
+    bad = set(method.encodings) - set(POSITION_ENCODINGS)
+    if not method.encodings or bad:
+        raise PluginError(f"Context method '{method.name}' declares unknown encodings {sorted(bad)}.")
+
+
+METHODS: Registry[ContextMethod] = Registry(
+    "context method", group=ENTRY_POINT_GROUP, check=_check_method,
+    adapt=lambda obj: obj() if isinstance(obj, type) else obj,
+    unknown_error=UnsupportedMethodError,
+    unknown_hint=f"Set context.method to one of them, or install a plugin under the {ENTRY_POINT_GROUP!r} "
+    "entry points.",
+)
+for _method in _BUILTINS.values():
+    METHODS.register(_method)
 
 
 def register_context_method(method: ContextMethod, *, replace: bool = False) -> None:
     """Register a plugin method; checks the protocol so a bad plugin fails here, not mid-run."""
-    missing = [attr for attr in ("name", "encodings", "validate_params", "update_config") if not hasattr(method, attr)]
-    if missing:
-        raise PluginError(f"Context method {method!r} lacks {missing}; implement the ContextMethod protocol.")
-    if not isinstance(method.name, str) or not method.name.isidentifier():
-        raise PluginError(f"Context method name {method.name!r} must be a simple identifier.")
-    bad = set(method.encodings) - set(POSITION_ENCODINGS)
-    if not method.encodings or bad:
-        raise PluginError(f"Context method '{method.name}' declares unknown encodings {sorted(bad)}.")
-    if method.name in _REGISTRY and not replace:
-        raise PluginError(f"Context method '{method.name}' is already registered (pass replace=True to override).")
-    _REGISTRY[method.name] = method
+    METHODS.register(method, replace=replace)
 
 
-def _load_entry_points() -> list[str]:
-    """Load plugins once; a broken plugin is reported and skipped, never takes the run down."""
-    global _entry_points_loaded
-    problems: list[str] = []
-    if _entry_points_loaded:
-        return problems
-    _entry_points_loaded = True
-    from importlib.metadata import entry_points
+def unregister_context_method(name: str) -> None:
+    METHODS.unregister(name)
 
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            obj = ep.load()
-            method = obj() if isinstance(obj, type) else obj
-            register_context_method(method)
-        except Exception as exc:  # noqa: BLE001 - a plugin may fail in any way
-            problems.append(f"{ep.name}: {exc}")
-    if problems:
+
+def load_plugins(*, reload: bool = False) -> list[str]:
+    """Load the entry-point plugins (once); a broken plugin is reported (a warning, and the
+    returned problems) and skipped, never takes the run down."""
+    loaded_before = METHODS.entry_points_loaded
+    problems = METHODS.load_entry_points(reload=reload)
+    if problems and (reload or not loaded_before):
         import warnings
 
         warnings.warn("Skipped broken context-method plugins: " + "; ".join(problems), stacklevel=2)
@@ -352,17 +354,13 @@ def _load_entry_points() -> list[str]:
 
 
 def available_methods(encoding: str | None = None) -> list[str]:
-    _load_entry_points()
-    return sorted(n for n, m in _REGISTRY.items() if encoding is None or encoding in m.encodings)
+    load_plugins()
+    return [n for n, m in METHODS.items() if encoding is None or encoding in m.encodings]
 
 
 def get_context_method(name: str, config: Any | None = None) -> ContextMethod:
-    _load_entry_points()
-    method = _REGISTRY.get(name)
-    if method is None:
-        raise UnsupportedMethodError(
-            f"Unknown context method '{name}'.", hint=f"Available: {', '.join(available_methods())}."
-        )
+    load_plugins()
+    method = METHODS.get(name)
     if config is not None:
         enc = position_encoding(config)
         if enc not in method.encodings:

@@ -13,32 +13,19 @@ import importlib.util
 import inspect
 import warnings
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from ..errors import PluginError
+from ..registry import Registry
 from .probes import BUILTIN_PROBES
 
 ENTRY_POINT_GROUP = "scaler_wizard.probes"
 
 
-@dataclass
-class ProbeCatalog:
-    """Probe classes by name, and the problems met while discovering them."""
-
-    classes: dict[str, type] = field(default_factory=lambda: dict(BUILTIN_PROBES))
-    problems: list[str] = field(default_factory=list)
-
-    def create(self, name: str, **options: Any) -> Any:
-        if name not in self.classes:
-            raise PluginError(
-                f"Unknown probe '{name}'.", hint=f"Available: {', '.join(sorted(self.classes))}."
-            )
-        try:
-            return self.classes[name](**options)
-        except TypeError as exc:
-            raise PluginError(f"Probe '{name}' rejected its options {options}: {exc}") from None
+def _check_probe_class(obj: Any) -> None:
+    if not _is_probe_class(obj):
+        raise PluginError(f"{obj!r} is not a probe class (needs a `name` and a `run` method)")
 
 
 def _is_probe_class(obj: Any) -> bool:
@@ -49,14 +36,45 @@ def _is_probe_class(obj: Any) -> bool:
     )
 
 
-def _add(catalog: ProbeCatalog, cls: type, origin: str) -> None:
-    name = cls.name
-    if not name.isidentifier():
-        catalog.problems.append(f"{origin}: probe name {name!r} is not a simple identifier")
-    elif name in catalog.classes and catalog.classes[name] is not cls:
-        catalog.problems.append(f"{origin}: probe '{name}' is already defined; skipped")
-    else:
-        catalog.classes[name] = cls
+def _new_registry() -> Registry[type]:
+    return Registry(
+        "probe", group=ENTRY_POINT_GROUP, check=_check_probe_class, unknown_error=PluginError,
+        unknown_hint="Name a built-in probe, one from the 'scaler_wizard.probes' entry points, or a class in "
+        "a file of evaluation.probe_dirs.",
+    )
+
+
+#: The built-in probes and the entry-point plugins (loaded on first use). Each
+#: :func:`discover_probes` works on a copy, so one run's drop-in files never leak into another.
+PROBES: Registry[type] = _new_registry()
+for _cls in BUILTIN_PROBES.values():
+    PROBES.register(_cls)
+
+
+@dataclass
+class ProbeCatalog:
+    """Probe classes by name (a :class:`Registry`), and the problems met while discovering them."""
+
+    registry: Registry[type] = field(default_factory=PROBES.copy)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def classes(self) -> dict[str, type]:
+        return dict(self.registry.items())
+
+    def add(self, cls: type, origin: str) -> None:
+        """Register a discovered class; a bad or clashing one becomes a problem, not an error."""
+        try:
+            self.registry.register(cls)
+        except PluginError as exc:
+            self.problems.append(f"{origin}: {exc}")
+
+    def create(self, name: str, **options: Any) -> Any:
+        cls = self.registry.get(name)
+        try:
+            return cls(**options)
+        except TypeError as exc:
+            raise PluginError(f"Probe '{name}' rejected its options {options}: {exc}") from None
 
 
 def load_probe_file(path: Path) -> list[type]:
@@ -70,25 +88,22 @@ def load_probe_file(path: Path) -> list[type]:
 
 
 def discover_probes(probe_dirs: list[Path] | None = None) -> ProbeCatalog:
-    catalog = ProbeCatalog()
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            obj = ep.load()
-            if not _is_probe_class(obj):
-                raise PluginError("not a probe class (needs a `name` and a `run` method)")
-            _add(catalog, obj, f"entry point {ep.name}")
-        except Exception as exc:  # noqa: BLE001 - a plugin may fail in any way
-            catalog.problems.append(f"entry point {ep.name}: {exc}")
+    """The built-ins, the entry points and every probe class in the ``*.py`` files of ``probe_dirs``.
+    Problems (a broken plugin or file, a missing folder, a clashing name) are collected and warned
+    about once, never raised."""
+    catalog = ProbeCatalog(problems=[f"entry point {p}" for p in PROBES.load_entry_points()])
     for folder in probe_dirs or []:
         if not folder.is_dir():
             catalog.problems.append(f"probe folder {folder} does not exist")
             continue
         for path in sorted(folder.glob("*.py")):
             try:
-                for cls in load_probe_file(path):
-                    _add(catalog, cls, str(path))
+                classes = load_probe_file(path)
             except Exception as exc:  # noqa: BLE001 - user code may fail in any way
                 catalog.problems.append(f"{path}: {type(exc).__name__}: {exc}")
+                continue
+            for cls in classes:
+                catalog.add(cls, str(path))
     if catalog.problems:
         warnings.warn("Probe discovery: " + "; ".join(catalog.problems), stacklevel=2)
     return catalog

@@ -12,6 +12,7 @@ A strategy is any object satisfying :class:`ScalerStrategy`. Built in:
   plain, larger Hugging Face model (``num_hidden_layers`` increased, ``layer_idx`` renumbered)
   that loads with ``transformers`` alone.
 
+Strategies live in :data:`STRATEGIES` (a :class:`scaler_wizard.registry.Registry`).
 Third-party strategies register with :func:`register_strategy` or through the entry-point group
 ``scaler_wizard.strategies`` (the entry point names a strategy object, or a class / factory
 taking no arguments). A broken plugin is reported by :func:`load_plugins` and never takes the
@@ -24,15 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import keyword
 from collections.abc import Iterator, Mapping
-from importlib import metadata
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import PlanError, PluginError, UnsupportedMethodError
+from ..registry import Registry
 from .memory import ALL_LINEAR, ModelDims, StrategyPlan
 
 ENTRY_POINT_GROUP = "scaler_wizard.strategies"
@@ -44,7 +43,8 @@ class ScalerStrategy(Protocol):
 
     ``plan`` is pure (the memory planner and the rank resolver call it without a model);
     ``prepare`` turns a loaded causal LM into the model to train (only the new capacity
-    trainable); ``export`` writes something plain ``transformers`` (or ``peft``) loads.
+    trainable). Export is the same for every strategy (``models.export_merged``: merge adapters
+    if there are any, save, reload and compare), so a strategy has no export of its own.
     """
 
     name: str
@@ -54,42 +54,39 @@ class ScalerStrategy(Protocol):
 
     def prepare(self, model: Any, options: Mapping[str, Any]) -> Any: ...
 
-    def export(self, model: Any, output_dir: Path) -> Path: ...
 
-
-_REGISTRY: dict[str, ScalerStrategy] = {}
-_PLUGIN_PROBLEMS: list[str] = []
-_PLUGINS_LOADED = False
-
-
-def register_strategy(strategy: Any, *, replace: bool = False) -> ScalerStrategy:
-    """Add a strategy to the registry after checking that it really is one."""
-    name = getattr(strategy, "name", None)
-    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
-        raise PluginError(
-            f"Strategy {strategy!r} needs a `name` that is a Python identifier (got {name!r}).",
-            hint="Set a class attribute such as name = 'my_strategy'.",
-        )
-    missing = [m for m in ("plan", "prepare", "export") if not callable(getattr(strategy, m, None))]
+def _check_strategy(strategy: Any) -> None:
+    missing = [m for m in ("plan", "prepare") if not callable(getattr(strategy, m, None))]
     if not isinstance(getattr(strategy, "description", None), str):
         missing.append("description (str)")
     if missing:
         raise PluginError(
-            f"Strategy {name!r} does not implement the ScalerStrategy protocol: missing {', '.join(missing)}.",
+            f"Strategy {getattr(strategy, 'name', strategy)!r} does not implement the ScalerStrategy protocol: "
+            f"missing {', '.join(missing)}.",
             hint="See scaler_wizard.scaling.strategies.ScalerStrategy.",
         )
-    if name in _REGISTRY and not replace and _REGISTRY[name] is not strategy:
-        raise PluginError(
-            f"A strategy named {name!r} is already registered ({type(_REGISTRY[name]).__name__}).",
-            hint="Choose another name, or pass replace=True to override it on purpose.",
-        )
-    _REGISTRY[name] = strategy
-    return strategy
+
+
+def _strategy_from_entry_point(obj: Any) -> Any:
+    """An entry point names a strategy object, or a class / factory taking no arguments."""
+    return obj() if isinstance(obj, type) or (callable(obj) and not hasattr(obj, "prepare")) else obj
+
+
+STRATEGIES: Registry[ScalerStrategy] = Registry(
+    "scaling strategy", group=ENTRY_POINT_GROUP, check=_check_strategy, adapt=_strategy_from_entry_point,
+    unknown_error=PluginError,
+    unknown_hint=f"Install a package that provides it under the {ENTRY_POINT_GROUP!r} entry points.",
+)
+
+
+def register_strategy(strategy: Any, *, replace: bool = False) -> ScalerStrategy:
+    """Add a strategy to the registry after checking that it really is one."""
+    return STRATEGIES.register(strategy, replace=replace)
 
 
 def unregister_strategy(name: str) -> None:
     """Remove a strategy (tests, or a plugin replacing a built-in on purpose)."""
-    _REGISTRY.pop(name, None)
+    STRATEGIES.unregister(name)
 
 
 def load_plugins(*, reload: bool = False) -> list[str]:
@@ -98,39 +95,15 @@ def load_plugins(*, reload: bool = False) -> list[str]:
     Returns the problems found (one line per broken plugin) instead of raising, so one bad
     plugin cannot take the others down; :func:`get_strategy` repeats them when a name is missing.
     """
-    global _PLUGINS_LOADED
-    if _PLUGINS_LOADED and not reload:
-        return list(_PLUGIN_PROBLEMS)
-    _PLUGIN_PROBLEMS.clear()
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            obj = ep.load()
-            strategy = obj() if isinstance(obj, type) or (callable(obj) and not hasattr(obj, "prepare")) else obj
-            if getattr(strategy, "name", None) != ep.name:
-                raise PluginError(
-                    f"entry point {ep.name!r} loads a strategy named {getattr(strategy, 'name', None)!r}"
-                )
-            register_strategy(strategy, replace=reload)
-        except Exception as exc:  # a plugin can fail in any way; report it, keep going
-            _PLUGIN_PROBLEMS.append(f"{ep.name} ({ep.value}): {type(exc).__name__}: {exc}")
-    _PLUGINS_LOADED = True
-    return list(_PLUGIN_PROBLEMS)
+    return STRATEGIES.load_entry_points(reload=reload)
 
 
 def available_strategies() -> list[str]:
-    load_plugins()
-    return sorted(_REGISTRY)
+    return STRATEGIES.names()
 
 
 def get_strategy(name: str) -> ScalerStrategy:
-    load_plugins()
-    if name not in _REGISTRY:
-        broken = f" Plugins that failed to load: {'; '.join(_PLUGIN_PROBLEMS)}." if _PLUGIN_PROBLEMS else ""
-        raise PluginError(
-            f"Unknown scaling strategy {name!r}; available: {', '.join(sorted(_REGISTRY))}.{broken}",
-            hint=f"Install a package that provides it under the {ENTRY_POINT_GROUP!r} entry points.",
-        )
-    return _REGISTRY[name]
+    return STRATEGIES.get(name)
 
 
 def _validate(model_cls: type[BaseModel], options: Mapping[str, Any], strategy: str) -> Any:
@@ -202,12 +175,6 @@ class LoraStrategy:
         from peft import get_peft_model
 
         return get_peft_model(model, self.options(options).to_peft())
-
-    def export(self, model: Any, output_dir: Path) -> Path:
-        """Merge the adapters into the base weights and save a plain model (safetensors)."""
-        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-        merged.save_pretrained(str(output_dir))
-        return Path(output_dir)
 
 
 # ------------------------------------------------------------------------------------------
@@ -352,12 +319,6 @@ class BlockExpansionStrategy:
             base.get_output_embeddings().weight.requires_grad_(True)
         base.scaler_wizard_new_blocks = new_idx  # plain attribute: not saved with the model
         return model
-
-    def export(self, model: Any, output_dir: Path) -> Path:
-        """Save the grown model as an ordinary checkpoint (safetensors, larger config)."""
-        base, _ = _decoder(model)
-        base.save_pretrained(str(output_dir))
-        return Path(output_dir)
 
 
 register_strategy(LoraStrategy())

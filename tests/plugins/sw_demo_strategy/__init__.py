@@ -20,7 +20,3 @@ class BiasOnlyStrategy:
         for name, p in model.named_parameters():
             p.requires_grad_("norm" in name)
         return model
-
-    def export(self, model, output_dir):
-        model.save_pretrained(str(output_dir))
-        return output_dir
