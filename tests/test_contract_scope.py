@@ -488,3 +488,19 @@ def test_bytes_read_before_the_approval_are_verified_after_it(proj):
         v.verify_read(data, n, sha)
     _, n, sha = C.read_and_hash(data)
     v.verify_read(data, n, sha)
+
+
+def test_materialize_needs_a_new_folder_in_a_real_parent(proj, tmp_path):
+    _, folder, scope = proj
+    v = C.VerifiedScope.of(scope, folder)
+    out = v.materialize("data", "train.jsonl", tmp_path / "d1")
+    assert out.read_bytes() == (folder / "train.jsonl").read_bytes()
+    with pytest.raises(ContractError, match="already exists"):
+        v.materialize("data", "train.jsonl", tmp_path / "d1")
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    with pytest.raises(ContractError, match="not a real folder"):
+        v.materialize("model", "model", tmp_path / "link" / "m")
+    assert not (tmp_path / "real" / "m").exists()
+    default = v.materialize("probe_code", "probes")
+    assert (default / "p.py").read_text() == "X = 1\n" and not (default / "__pycache__").exists()

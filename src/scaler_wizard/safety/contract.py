@@ -1124,12 +1124,25 @@ class VerifiedScope:
     def materialize(self, role: str, root: str, dest: Path | None = None) -> Path:
         """A private copy (folder mode 0700, files 0600) of the approved files under ``root``, made from
         bytes hashed while copying; returns the copy's path (the file itself for a single-file root).
-        Anything not approved is absent from the copy; any mismatch removes the copy and raises."""
+        ``dest``: a folder that does not exist yet, in a real parent folder (default: a new private
+        temporary folder). Anything not approved is absent from the copy; any mismatch removes the
+        copy and raises ContractError."""
         files = [f for f in self.files if f.role == role and f.root == root]
         if not files:
             raise ContractError(f"No approved {role} files under {root!r}.")
-        dest = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix="scaler-wizard-verified-"))
-        dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if dest is None:
+            dest = Path(tempfile.mkdtemp(prefix="scaler-wizard-verified-"))
+        else:
+            # a new folder in a real (not symlinked) parent: nothing planted can receive the copy
+            dest = Path(dest)
+            parent = dest.parent
+            if parent.is_symlink() or not parent.is_dir():
+                raise ContractError(f"Cannot copy the approved files into {dest}: {parent} is not a real folder.")
+            try:
+                os.mkdir(dest, 0o700)
+            except FileExistsError:
+                raise ContractError(f"Cannot copy the approved files into {dest}: it already exists; "
+                                    "pass a new folder (or none for a private temporary one).") from None
         try:
             for f in files:
                 name = f.rel or Path(f.root).name or "file"
