@@ -103,7 +103,9 @@ class StageRows:
     * packed (``position_ids`` set, ``attention_mask`` None): whole examples back to back
       (``packing.py``), position ids restarting at 0 at each example and at the padding tail, so
       transformers keeps attention inside each example; ``task`` is one id per token,
-      ``TASK_PADDING`` on the padding tail.
+      ``TASK_PADDING`` on the padding tail;
+    * PoSE (``position_ids`` and ``attention_mask`` set): padded rows of the base window whose
+      position ids skip up to the stage length (``context/pose.py``).
     """
 
     input_ids: list[list[int]]
@@ -114,7 +116,11 @@ class StageRows:
 
     @property
     def packed(self) -> bool:
-        return self.position_ids is not None
+        return self.position_ids is not None and self.attention_mask is None
+
+    @property
+    def pose(self) -> bool:
+        return self.position_ids is not None and self.attention_mask is not None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -124,10 +130,13 @@ class StageRows:
 
         item = {"input_ids": torch.tensor(self.input_ids[i]), "labels": torch.tensor(self.labels[i])}
         if self.position_ids is not None:
-            # no attention_mask: transformers derives the per-example blocks from the restarts
+            # packed: no attention_mask, transformers derives the per-example blocks from the
+            # restarts; PoSE: skipping positions for the student, contiguous ones for a teacher
             item["position_ids"] = torch.tensor(self.position_ids[i])
-        else:
+        if self.attention_mask is not None:
             item["attention_mask"] = torch.tensor(self.attention_mask[i])
+        if self.pose:
+            item["pose"] = torch.tensor(1)
         item["task"] = torch.tensor(self.task[i])
         return item
 
@@ -168,6 +177,8 @@ def build_stage_rows(
     pad_id: int,
     seed: int,
     pack: bool = False,
+    pose_target: int | None = None,
+    pose_chunks: int = 2,
 ) -> StageRows:
     """``n_rows`` rows of ``length`` tokens: windows of the stream and, for ``passkey_share`` of
     the rows, passkey examples.
@@ -231,6 +242,16 @@ def build_stage_rows(
             rows.labels.append(labels + [-100] * pad)
             rows.attention_mask.append([1] * len(ids) + [0] * pad)
         rows.task.append(kind)
+    if pose_target is not None:
+        from .context.pose import skip_positions
+
+        pose_rng = random.Random(seed + 1)
+        rows.position_ids = []
+        for mask in rows.attention_mask:
+            real = sum(mask)
+            positions = skip_positions(real, pose_target, pose_chunks, pose_rng)
+            tail = positions[-1] + 1 if positions else 0
+            rows.position_ids.append(positions + list(range(tail, tail + length - real)))
     return rows
 
 

@@ -102,6 +102,9 @@ class ContextSection(_Strict):
     method_params: dict[str, Any] = Field(default_factory=dict)
     schedule: list[int] | None = Field(None, description="explicit stage lengths; default doubles up to target")
     gate_policy: Literal["extend", "stop", "rollback", "continue"] = "extend"
+    pose: bool = Field(False, description="positional skip-wise training (PoSE, Zhu et al. 2023): train each "
+                       "stage on base-length windows whose position ids skip up to the stage length")
+    pose_chunks: int = Field(2, ge=2, le=16, description="chunks per PoSE window (each after the first skips)")
     manual_gates: bool = Field(False, description="wait for an operator's approve (cockpit / control.jsonl) "
                                "before each next stage")
     manual_gate_timeout_s: float | None = Field(None, gt=0, description="give up waiting (run halted); None: wait")
@@ -232,6 +235,9 @@ class Recipe(_Strict):
             raise ValueError(
                 f"context.target_length ({ctx.target_length}) must exceed context.base_length ({ctx.base_length})"
             )
+        if ctx.pose and self.data.packing:
+            raise ValueError("context.pose and data.packing cannot be combined: PoSE rows keep one base-length "
+                             "window per row with skipping position ids; set one of them to false")
         return self
 
     def digest(self) -> str:

@@ -109,8 +109,8 @@ def mix_replay(
     positions = set(rng.sample(range(n), n_replay))
     sources = _choose_sources(len(replay_rows), n_replay, rng) if n_replay else []
 
-    packed = rows.packed
-    out = MixedRows([], [], None if packed else [], [], position_ids=[] if packed else None)
+    packed, pose = rows.packed, getattr(rows, "pose", False)
+    out = MixedRows([], [], None if packed else [], [], position_ids=[] if packed or pose else None)
     kept = iter(range(n))
     picked = iter(sources)
     for slot in range(n):
@@ -126,14 +126,16 @@ def mix_replay(
             else:
                 out.attention_mask.append([1] * len(ids) + [0] * pad)
                 out.task.append(task)
+                if pose:  # a replay row is a plain base-length window: contiguous positions
+                    out.position_ids.append(list(range(length)))
             out.replay_index.append(src)
         else:
             i = next(kept)
             out.input_ids.append(rows.input_ids[i])
             out.labels.append(rows.labels[i])
-            if packed:
+            if packed or pose:
                 out.position_ids.append(rows.position_ids[i])
-            else:
+            if not packed:
                 out.attention_mask.append(rows.attention_mask[i])
             out.task.append(rows.task[i])
             out.replay_index.append(NOT_REPLAY)

@@ -253,7 +253,7 @@ class StageLoop:
         resume_from, attempt.resume_from = attempt.resume_from, None
         carried, attempt.carried_losses = attempt.carried_losses, []
         rows = self._rows(stage, attempt.number)
-        tokens_per_step = stage.length * self.rows_per_step
+        tokens_per_step = (env.base_length if recipe.context.pose else stage.length) * self.rows_per_step
         env.writer.log(pos.global_step, "data/padding_fraction", rows.padding_fraction, stage=stage.index)
         side: dict = {}
         start_step = pos.global_step
@@ -299,15 +299,18 @@ class StageLoop:
 
     def _rows(self, stage: Stage, attempt_number: int):
         env, recipe = self.env, self.env.recipe
+        pose = recipe.context.pose  # PoSE: base-length windows, positions skipping to the stage length
         rows = build_stage_rows(
             env.train_stream,
-            stage.length,
+            env.base_length if pose else stage.length,
             stage.steps * self.rows_per_step,
             passkey_share=recipe.data.synthetic_passkey_share,
             passkey_builder=self.passkey_builder,
             pad_id=env.tokenizer.pad_token_id,
             seed=recipe.run.seed + 1000 * stage.index + attempt_number,
             pack=recipe.data.packing,
+            pose_target=stage.length if pose else None,
+            pose_chunks=recipe.context.pose_chunks,
         )
         return mix_in_replay(recipe, rows, env.train_stream, env.base_length, env.tokenizer.pad_token_id,
                              seed=recipe.run.seed + 7 * stage.index + attempt_number, teacher=env.teacher)

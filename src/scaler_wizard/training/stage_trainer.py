@@ -68,7 +68,9 @@ class ScalingTrainer(Trainer):
         if self.teacher is not None:
             from ..distill.losses import distillation_loss
 
-            teacher_batch = self.teacher(model, inputs)
+            # PoSE rows: the teacher reads the window at its own contiguous positions
+            teacher_batch = self.teacher(model, {k: v for k, v in inputs.items() if k not in ("position_ids", "pose")}
+                                         if "pose" in inputs else inputs)
             out = distillation_loss(hidden[:, :-1], head.weight, targets, teacher_batch, self.distill,
                                     bias=head.bias, task=task, task_weights=self.task_weights)
             loss, by_task = out.loss, out.extras["ce_by_task"]
