@@ -326,7 +326,7 @@ def build_tiny_model(dest: Path) -> Path:
 
 def write_pipeline_recipe(path: Path, model_dir: Path, runs_dir: Path, run_id: str, *, seed: int = 7,
                           steps: list[int] | None = None, snapshot_every: int = SNAPSHOT_EVERY,
-                          safety: dict | None = None) -> Path:
+                          safety: dict | None = None, merge: bool = False) -> Path:
     """The recipe of every pipeline scenario (shaped like tests/conftest.py::write_recipe)."""
     import yaml
 
@@ -340,11 +340,17 @@ def write_pipeline_recipe(path: Path, model_dir: Path, runs_dir: Path, run_id: s
         "training": {"steps_per_stage": list(steps or PIPELINE_STEPS), "micro_batch_size": 2,
                      "learning_rate": 0.01, "warmup_steps": 3, "lr_scheduler": "cosine", "logging_steps": 1,
                      "snapshot_every": snapshot_every, "threads": 1},
-        "evaluation": {"passkey": {"trials": 2, "depths": [0.0, 1.0]}, "perplexity": {"windows": 1}},
-        "output": {"merge": False},
+        # a tiny random model fails real gates: gates and the envelope's evaluation rules are kept
+        # out of the way here (the subject is resume), as in tests/conftest.py::write_recipe
+        "evaluation": {"passkey": {"trials": 2, "depths": [0.0, 1.0], "min_accuracy": 0.0},
+                       "perplexity": {"windows": 1, "max_ratio_to_base": 1000.0},
+                       "short_context": {"max_regression_pct": 1000.0}},
+        "safety": {"evaluation": {"perplexity_warn_ratio": None, "perplexity_stop_ratio": None,
+                                  "short_context_warn_pct": None, "short_context_stop_pct": None}},
+        "output": {"merge": merge},
     }
     if safety:
-        recipe["safety"] = safety
+        recipe["safety"] = {**recipe["safety"], **safety}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
     return path

@@ -81,6 +81,23 @@ class Reporter:
         pass
 
 
+# Fault injection (bench/phase_kills.py): "<phase prefix>=<seconds>" pauses the run right after
+# it marks a phase, so a SIGKILL lands exactly at that phase boundary.
+PHASE_PAUSE_ENV = "SCALER_WIZARD_FAULT_PHASE_PAUSE"
+
+
+def mark_phase(status: RunStatus, text: str) -> None:
+    """Record the phase the run enters in status.json (``phase``)."""
+    status.update(phase=text)
+    pause = os.environ.get(PHASE_PAUSE_ENV)
+    if pause and "=" in pause:
+        prefix, _, seconds = pause.rpartition("=")
+        if text.startswith(prefix):
+            import time
+
+            time.sleep(float(seconds))
+
+
 class PhaseMarker(Reporter):
     """Passes the pipeline's phases to the person's reporter and records each one in
     status.json (``phase``): the run's own phase markers, which operators, the cockpit and the
@@ -90,11 +107,11 @@ class PhaseMarker(Reporter):
         self.inner, self.status = inner, status
 
     def phase(self, text: str) -> None:
-        self.status.update(phase=text)
+        mark_phase(self.status, text)
         self.inner.phase(text)
 
     def start_training(self, stage: Any, total_steps: int) -> None:
-        self.status.update(phase=f"stage {stage.index}: training")
+        mark_phase(self.status, f"stage {stage.index}: training")
         self.inner.start_training(stage, total_steps)
 
     def advance_training(self, step: int) -> None:
@@ -341,9 +358,9 @@ class RunRecorder:
         self.writer.log(summary["total_steps"], "system/peak_rss_gb", summary["peak_rss_gb"])
         self.writer.log(summary["total_steps"], "run/verdict_passed", float(summary["verdict"] == VERDICT_PASSED))
         self._close_sinks(summary)
-        self.status.update(phase="writing the report")
+        mark_phase(self.status, "writing the report")
         write_report(self.run_dir, summary, base_results, final_results)
-        self.status.update(phase="writing the summary")
+        mark_phase(self.status, "writing the summary")
         write_json_atomic(self.run_dir / "summary.json", summary)
         state = STATE_BY_VERDICT[summary["verdict"]]
         close_run(self.grant, state)

@@ -27,7 +27,7 @@ from ..evaluation.figures import flatten_results, gate, log_probe_results, probe
 from ..evaluation.probes import ProbeResult, run_probe
 from ..recipe import Recipe
 from ..resume import RunPosition
-from ..run_record import StageOutcome
+from ..run_record import StageOutcome, mark_phase
 
 # context.gate_policy -> what a failed gate does on the stage's first attempt and afterwards.
 #   extend:   train the stage once more (same weights, fresh rows), then stop
@@ -196,7 +196,7 @@ class StageLoop:
         pos.complete, pos.finished = True, decision in ENDS_THE_RUN or stage.index == len(env.stages)
         pos.model_length = previous_length if decision in ENDS_THE_RUN else stage.length
         pos.stage_step, pos.trainer_state = 0, None
-        env.status.update(phase=f"stage {stage.index}: stage-complete snapshot")
+        mark_phase(env.status, f"stage {stage.index}: stage-complete snapshot")
         self._snapshot(stage.index, pinned=True, metrics=flatten_results(results))
         if not pos.finished:
             self._manual_gate(stage, already=approved)
@@ -365,7 +365,7 @@ class StageLoop:
             return
         from ..safety.guards import wait_for_approval
 
-        env.status.update(phase=f"stage {stage.index}: manual gate")
+        mark_phase(env.status, f"stage {stage.index}: manual gate")
         env.dist.agree(lambda: wait_for_approval(env.guards, env.status, env.writer, stage, self.pos.global_step,
                                                  already=already, timeout_s=env.recipe.context.manual_gate_timeout_s),
                        "the manual gate")
