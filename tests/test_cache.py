@@ -202,16 +202,17 @@ def test_gc_evicts_lru_but_never_pinned_nor_newest(tmp_path):
     b = _commit(cache, 12)
     last_good = _commit(cache, 15)
     newest = _commit(cache, 20)
-    cache.mark_last_good(last_good)
+    cache.pin(last_good, "last_good")
     cache.open_files(a)  # used recently: b is now the least recently used
     report = cache.gc(budget_bytes=0)
     assert report.evicted == [b.ref, a.ref] and report.over_budget
     assert {s.ref for s in cache.list()} == {boundary.ref, last_good.ref, newest.ref}
     assert all(cache.verify(s).ok for s in cache.list())
 
-    # Moving the last-good pin releases the old one.
+    # Moving the pin releases the old one.
     again = _commit(cache, 25)
-    cache.mark_last_good(again)
+    cache.pin(again, "last_good")
+    cache.unpin(last_good, "last_good")
     assert "last_good" not in cache.get("run1", last_good.snapshot_id).pins
     report = cache.gc(budget_bytes=0)
     assert report.evicted == [last_good.ref, newest.ref]

@@ -73,7 +73,6 @@ CHUNK = 8 * 1024 * 1024
 COMMIT_SLEEP_ENV = "SCALER_WIZARD_FAULT_COMMIT_SLEEP"
 
 PHASE_TRAIN = "train"
-PHASE_STAGE_START = "stage_start"
 PHASE_STAGE_END = "stage_end"
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -644,14 +643,6 @@ class CheckpointCache:
         with contextlib.suppress(FileNotFoundError):
             (snap.path / f"{PIN_PREFIX}{check_name('pin reason', reason)}").unlink()
             _fsync_dir(snap.path, strict=True)
-
-    def mark_last_good(self, snap: SnapshotInfo) -> None:
-        """Pin ``snap`` as its run's last good snapshot and release the previous last-good pin
-        (the rollback target of the safety envelope is never evicted)."""
-        self.pin(snap, "last_good")
-        for other in self.list(snap.run_id):
-            if other.snapshot_id != snap.snapshot_id and "last_good" in other.pins:
-                self.unpin(other, "last_good")
 
     # ------------------------------------------------------------------ accounting and gc
 

@@ -16,7 +16,6 @@ entry-point group ``scaler_wizard.context_methods``; every method lives in :data
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -441,9 +440,3 @@ def _set_submodule(root: Any, dotted: str, module: Any) -> None:
     parent_name, _, child = dotted.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
-
-
-def yarn_attention_temperature(scale: float) -> float:
-    """sqrt(1/t) = 0.1 ln(s) + 1 (YaRN, eq. 22) — exposed for reports and tests."""
-    return 0.1 * math.log(scale) + 1.0 if scale > 1 else 1.0
-

@@ -33,12 +33,6 @@ class Stage:
     steps: int
     checks: tuple[ProbeCheck, ...] = field(default_factory=tuple)
 
-    @property
-    def scale(self) -> float:
-        return self.length / self.base_length if self.base_length else 1.0
-
-    base_length: int = 0
-
 
 def plan_lengths(base: int, target: int, schedule: list[int] | None = None) -> list[int]:
     """Stage lengths, validated: strictly increasing, within (base, target], ending at target."""
@@ -105,5 +99,5 @@ def build_stages(
             checks.append(
                 ProbeCheck("short_context", base, short_max_regression_pct, "<=", f"ppl change @{base} vs base (%)")
             )
-        stages.append(Stage(i, length, method, dict(method_params), budget, tuple(checks), base_length=base))
+        stages.append(Stage(i, length, method, dict(method_params), budget, tuple(checks)))
     return stages
