@@ -1,5 +1,6 @@
 """One home for the small things every writer needs: the time stamp, hashing a file, making a
-rename durable, writing JSON atomically, canonical JSON.
+rename durable, writing JSON atomically, canonical JSON, checking a name that becomes a path
+component.
 
 Readers of a run folder (the cockpit, ``run --resume``, operators) read files while the run
 writes them, so every whole-file write is a rename of a finished temporary file.
@@ -10,12 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError
+
 _CHUNK = 1 << 20
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def utc_now() -> str:
@@ -80,3 +85,20 @@ def write_text_atomic(path: Path, text: str, *, durable: bool = True) -> None:
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def is_safe_name(value: Any) -> bool:
+    """One plain path component: 1-128 of A-Z a-z 0-9 . _ -, starting with a letter or digit,
+    never containing ``..``."""
+    return isinstance(value, str) and bool(SAFE_NAME.match(value)) and ".." not in value
+
+
+def check_name(kind: str, value: Any) -> str:
+    """``value`` if it is a safe path component (:func:`is_safe_name`), else an InputError naming
+    ``kind`` (run id, snapshot id, pin reason, file name ...)."""
+    if not is_safe_name(value):
+        raise InputError(
+            f"Invalid {kind} {value!r}.",
+            hint="Use 1-128 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit, without '..'.",
+        )
+    return value

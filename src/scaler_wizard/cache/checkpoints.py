@@ -52,7 +52,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import InputError, ScalerWizardError
-from ..fsutil import sha256_file, utc_now
+from ..fsutil import check_name, is_safe_name, sha256_file, utc_now
 from ..fsutil import fsync_dir as _fsync_dir
 
 try:  # POSIX advisory locks; on platforms without fcntl, commit and gc must not run concurrently.
@@ -75,7 +75,6 @@ COMMIT_SLEEP_ENV = "SCALER_WIZARD_FAULT_COMMIT_SLEEP"
 PHASE_TRAIN = "train"
 PHASE_STAGE_END = "stage_end"
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -178,16 +177,6 @@ class GcReport:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def check_name(kind: str, value: str) -> str:
-    """Run ids, snapshot ids and pin reasons become path components: allow only safe names."""
-    if not isinstance(value, str) or not _SAFE_NAME.match(value):
-        raise InputError(
-            f"Invalid {kind} {value!r}.",
-            hint="Use 1-128 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit.",
-        )
-    return value
 
 
 def check_logical_name(name: str) -> str:
@@ -421,7 +410,7 @@ class CheckpointCache:
     def runs(self) -> list[str]:
         if not self.snapshots_dir.is_dir():
             return []
-        return sorted(p.name for p in self.snapshots_dir.iterdir() if p.is_dir() and _SAFE_NAME.match(p.name))
+        return sorted(p.name for p in self.snapshots_dir.iterdir() if p.is_dir() and is_safe_name(p.name))
 
     def _snapshot_dirs(self, run_id: str) -> list[Path]:
         d = self.run_dir(run_id)
