@@ -127,6 +127,10 @@ class TrainingSection(_Strict):
         "in each chunk); auto: as many as fit 256 MB of logits and temporaries, one chunk when all fit")
     snapshot_every: int = Field(25, ge=0, description="optimizer steps between resumable snapshots "
                                 "(adapters, optimizer, scheduler, RNG, data position); 0: stage boundaries only")
+    optimizer_scope: Literal["stage", "run"] = Field(
+        "stage", description="stage: a fresh optimizer and LR schedule (with its warm-up) per stage and attempt; "
+        "run: one AdamW and one schedule over the whole run (warm-up once, moments carried across stages, "
+        "extensions and rollbacks; stage snapshots hold their state)")
     task_weights: dict[Literal["lm", "retrieval"], Annotated[float, Field(ge=0)]] = Field(
         default_factory=lambda: {"lm": 1.0, "retrieval": 1.0},
         description="train/loss = sum over the tasks in a batch of weight x that task's mean token CE "

@@ -40,11 +40,14 @@ class RunGuards:
         self.cache = CheckpointCache(default_cache_root(run_dir.parent))  # beside the run folders
         self._telegram_tail = JsonlTail(run_dir / "telegrams.jsonl", from_start=True)
 
-    def snapshot(self, model, step: int, stage: int, *, pinned: bool, metrics: dict | None = None, position=None):
+    def snapshot(self, model, step: int, stage: int, *, pinned: bool, metrics: dict | None = None, position=None,
+                 optimizer=None, scheduler=None):
         """A stage-boundary snapshot (a rollback target), committed by the main process; every
-        process gets its SnapshotInfo once the commit is complete."""
+        process gets its SnapshotInfo once the commit is complete. With an optimizer kept across
+        stages (``training.optimizer_scope: run``) its state and the scheduler's go in too."""
         info = self.dist.agree(lambda: self.commit(model, step, stage, pinned=pinned, metrics=metrics,
-                                                   position=position), "a snapshot commit")
+                                                   position=position, optimizer=optimizer, scheduler=scheduler),
+                               "a snapshot commit")
         snapshot_id = self.dist.broadcast_text(info.snapshot_id if info is not None else "")
         return info if info is not None else self.cache.get(self.run_dir.name, snapshot_id)
 
@@ -61,10 +64,14 @@ class RunGuards:
                              metrics=metrics or {}, pinned=pinned, optimizer=optimizer, scheduler=scheduler,
                              data_position=position.to_json() if position is not None else None)
 
-    def load_weights(self, model, snap) -> None:
+    def load_weights(self, model, snap, *, optimizer=None, scheduler=None) -> None:
+        """The snapshot's trainable weights (and, when given, the optimizer and scheduler state
+        it holds) into the live objects."""
         from ..cache.state import load_snapshot
 
-        load_snapshot(self.cache, snap, model=model, restore_rng=False)
+        if optimizer is not None and "optimizer/state.json" not in snap.files:
+            optimizer = scheduler = None  # a snapshot taken without them (an older run)
+        load_snapshot(self.cache, snap, model=model, optimizer=optimizer, scheduler=scheduler, restore_rng=False)
 
     def restore(self, model, snap) -> None:
         """Rollback: the snapshot's weights, and the envelope forgets what came after it."""

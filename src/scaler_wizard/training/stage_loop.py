@@ -94,6 +94,7 @@ class StageLoop:
                                         learning_rate=recipe.training.learning_rate, model_length=env.base_length)
         self.start_snapshot = start_snapshot  # the snapshot a resumed run starts from
         self.outcomes = [StageOutcome(**o) for o in self.pos.outcomes]
+        self.optimizers: tuple[Any, Any] | None = None  # training.optimizer_scope: run
         # rows per optimizer step over all processes: one stage is exactly one pass over its rows
         t = recipe.training
         self.rows_per_step = t.micro_batch_size * t.gradient_accumulation_steps * env.dist.world_size
@@ -126,7 +127,7 @@ class StageLoop:
             self._set_length(pos.model_length or self._derived_model_length())
         else:
             self._set_length(self._stage(pos.stage).length)
-        env.guards.load_weights(env.model, self.start_snapshot)
+        env.guards.load_weights(env.model, self.start_snapshot, **self._optimizer_kwargs())
         if pos.envelope:  # the spike rules' windows and the rollbacks used continue, not restart
             env.guards.envelope.load_state_dict(pos.envelope)
         if pos.complete and not pos.finished:
@@ -235,12 +236,16 @@ class StageLoop:
         """Back to the stage-start snapshot with a lower learning rate; the next attempt trains
         on other batches (its rows are seeded by the attempt number)."""
         env, pos = self.env, self.pos
+        env.guards.load_weights(env.model, attempt.stage_start, **self._optimizer_kwargs())
         if count_rollback:
-            env.guards.restore(env.model, attempt.stage_start)
-        else:
-            env.guards.load_weights(env.model, attempt.stage_start)
+            env.guards.envelope.record_rollback(attempt.stage_start.step)
         pos.global_step = attempt.stage_start.step
-        pos.learning_rate = env.guards.envelope.rollback_lr(pos.learning_rate)
+        lowered = env.guards.envelope.rollback_lr(pos.learning_rate)
+        if self.optimizers is not None:
+            from .stage_trainer import scale_learning_rate
+
+            scale_learning_rate(*self.optimizers, lowered / pos.learning_rate)
+        pos.learning_rate = lowered
         env.writer.log(pos.global_step, "safety/rollback", 1.0, stage=stage.index, lr=pos.learning_rate, reason=reason)
         nxt = self._next_attempt(attempt)
         attempt.number, attempt.resume_from, attempt.carried_losses = nxt.number, None, []
@@ -283,7 +288,7 @@ class StageLoop:
         trainer = train_stage(env.model, rows, recipe, stage.steps, env.run_dir / ".trainer",
                               recipe.run.seed + stage.index + 100 * attempt.number, [telemetry, safety, snapshots],
                               learning_rate=pos.learning_rate, teacher=env.teacher, distill=env.distill_config,
-                              side_metrics=side, resume=resume_from)
+                              side_metrics=side, resume=resume_from, optimizers=self._run_optimizers())
         env.reporter.end_training()
         done = trainer.state.global_step  # a resumed attempt counts the steps before the snapshot too
         pos.global_step = start_step + done
@@ -356,7 +361,23 @@ class StageLoop:
     def _snapshot(self, stage_index: int, *, pinned: bool, metrics: dict | None = None):
         """A stage-boundary snapshot (a rollback and resume target) of the loop's position."""
         return self.env.guards.snapshot(self.env.model, self.pos.global_step, stage_index, pinned=pinned,
-                                        metrics=metrics, position=self._position())
+                                        metrics=metrics, position=self._position(), **self._optimizer_kwargs())
+
+    def _run_optimizers(self) -> tuple[Any, Any] | None:
+        """The run-wide optimizer and schedule (``training.optimizer_scope: run``), built once
+        over every planned step; None: each attempt's Trainer builds its own."""
+        if self.env.recipe.training.optimizer_scope != "run":
+            return None
+        if self.optimizers is None:
+            from .stage_trainer import run_optimizer
+
+            total = sum(s.steps for s in self.env.stages)
+            self.optimizers = run_optimizer(self.env.model, self.env.recipe, total)
+        return self.optimizers
+
+    def _optimizer_kwargs(self) -> dict[str, Any]:
+        shared = self._run_optimizers()
+        return {"optimizer": shared[0], "scheduler": shared[1]} if shared else {}
 
     def _manual_gate(self, stage: Stage, *, already: bool = False) -> None:
         """With ``context.manual_gates`` the next stage starts only after an operator's approve."""

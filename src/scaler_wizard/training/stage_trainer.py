@@ -165,6 +165,33 @@ class ScalingTrainer(Trainer):
         return self.resume_files
 
 
+def run_optimizer(model: Any, recipe: Recipe, total_steps: int) -> tuple[Any, Any]:
+    """One AdamW and one LR schedule for the whole run (``training.optimizer_scope: run``): the
+    Trainer's defaults (betas 0.9/0.999, eps 1e-8, no weight decay on biases and norms), the
+    recipe's learning rate, warm-up and schedule over every planned step of every stage."""
+    from transformers import get_scheduler
+
+    t = recipe.training
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.ndim >= 2 and "norm" not in n.lower()]
+    rest = [p for n, p in params if not (p.ndim >= 2 and "norm" not in n.lower())]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=t.learning_rate, betas=(0.9, 0.999),
+                                  eps=1e-8)
+    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=min(t.warmup_steps, total_steps - 1),
+                              num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+def scale_learning_rate(optimizer: Any, scheduler: Any, factor: float) -> None:
+    """Lower a run-wide schedule after a rollback (PaLM restarted at a lower learning rate)."""
+    scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+
+
 def task_weight_ids(weights: Mapping[str, float]) -> dict[int, float]:
     """The recipe's ``{"lm": w, "retrieval": w}`` as task ids."""
     ids = {name: kind for kind, name in TASK_NAMES.items()}
@@ -309,6 +336,7 @@ def train_stage(
     distill: Any = None,
     side_metrics: dict | None = None,
     resume: ResumeFrom | None = None,
+    optimizers: tuple[Any, Any] | None = None,
 ) -> Any:
     args = training_arguments(recipe, steps, output_dir, seed)
     if learning_rate is not None:
@@ -317,7 +345,8 @@ def train_stage(
                              loss_chunk_size=recipe.training.loss_chunk_size,
                              distill=distill, side_metrics=side_metrics,
                              resume_files=resume.files if resume else None,
-                             task_weights=task_weight_ids(recipe.training.task_weights))
+                             task_weights=task_weight_ids(recipe.training.task_weights),
+                             optimizers=optimizers or (None, None))
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         # Snapshots read each trainable tensor whole on the main process; with sharded
         # parameters that needs a gather on every process, which is not built yet. Refuse
