@@ -5,7 +5,7 @@ that assumed 8 GB when detection failed would promise runs that then crash. A pr
 written by hand (YAML or JSON, the same fields as ``scaler-wizard hardware --json``) to plan for a
 machine you do not have.
 
-torch and psutil are imported inside :func:`detect_hardware` only.
+torch and psutil are imported inside the functions that need them.
 """
 
 from __future__ import annotations
@@ -120,21 +120,21 @@ def _gb(n: float | None) -> float | None:
     return None if n is None else round(n / GiB, 2)
 
 
-def _detect_gpus(torch: Any, notes: list[str]) -> list[GpuInfo]:
+def _detect_gpus(torch: Any, notes: list[str], query_devices: bool = True) -> list[GpuInfo]:
     gpus = []
     for i in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(i)
-        free = None
-        try:
-            free, _ = torch.cuda.mem_get_info(i)
-        except Exception as exc:  # a busy or restricted device may refuse the query
-            notes.append(f"free memory of GPU {i} unknown ({type(exc).__name__})")
-        bf16 = None
-        try:
-            with torch.cuda.device(i):
-                bf16 = bool(torch.cuda.is_bf16_supported())
-        except Exception:
-            notes.append(f"bf16 support of GPU {i} unknown")
+        free = bf16 = None
+        if query_devices:  # both queries create a CUDA context on device i
+            try:
+                free, _ = torch.cuda.mem_get_info(i)
+            except Exception as exc:  # a busy or restricted device may refuse the query
+                notes.append(f"free memory of GPU {i} unknown ({type(exc).__name__})")
+            try:
+                with torch.cuda.device(i):
+                    bf16 = bool(torch.cuda.is_bf16_supported())
+            except Exception:
+                notes.append(f"bf16 support of GPU {i} unknown")
         gpus.append(GpuInfo(
             index=i, name=props.name, total_memory_gb=_gb(props.total_memory), free_memory_gb=_gb(free),
             compute_capability=f"{props.major}.{props.minor}", bf16=bf16,
@@ -142,8 +142,10 @@ def _detect_gpus(torch: Any, notes: list[str]) -> list[GpuInfo]:
     return gpus
 
 
-def detect_hardware(output_dir: str | Path = ".") -> HardwareProfile:
-    """Inspect this machine. ``output_dir`` is where runs will be written (its free disk counts)."""
+def detect_hardware(output_dir: str | Path = ".", *, query_devices: bool = True) -> HardwareProfile:
+    """Inspect this machine. ``output_dir`` is where runs will be written (its free disk counts).
+    ``query_devices=False`` reads the GPUs' properties only: free memory and bf16 support stay
+    unknown, and no CUDA context is created on a GPU the caller does not use."""
     notes: list[str] = []
     gpus: list[GpuInfo] = []
     mps = None
@@ -151,7 +153,7 @@ def detect_hardware(output_dir: str | Path = ".") -> HardwareProfile:
         import torch
 
         if torch.cuda.is_available():
-            gpus = _detect_gpus(torch, notes)
+            gpus = _detect_gpus(torch, notes, query_devices)
         mps_backend = getattr(torch.backends, "mps", None)
         mps = bool(mps_backend and mps_backend.is_available())
     except ImportError:
@@ -185,6 +187,29 @@ def detect_hardware(output_dir: str | Path = ".") -> HardwareProfile:
         ram_total_gb=ram_total, ram_available_gb=ram_avail, disk_free_gb=disk_free, disk_path=str(disk_path),
         bitsandbytes=bnb, notes=notes,
     )
+
+
+def hardware_record(profile: HardwareProfile | None = None) -> dict[str, Any]:
+    """The ``hardware`` block of a run's ``envelope.json``: platform, python and torch versions,
+    CPU count, total RAM and the CUDA devices (name, total GB), from :func:`detect_hardware`
+    without device queries (a run must not open a context on GPUs it does not train on)."""
+    import platform
+
+    p = profile if profile is not None else detect_hardware(query_devices=False)
+    try:
+        import torch
+
+        torch_version: str | None = torch.__version__
+    except ImportError:
+        torch_version = None
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch_version,
+        "cpu_count": p.cpu_cores,
+        "ram_total_gb": p.ram_total_gb,
+        "cuda_devices": [{"name": g.name, "total_gb": g.total_memory_gb} for g in p.gpus],
+    }
 
 
 def load_hardware_profile(path: str | Path) -> HardwareProfile:
