@@ -32,10 +32,14 @@ class _Strict(BaseModel):
 
 
 class RunSection(_Strict):
-    name: str = "scaling-run"
-    seed: int = 1234
+    """Which run this is and where its folder goes."""
+
+    name: str = Field("scaling-run", description="names the run folder (<name>-<UTC timestamp>) and the report")
+    seed: int = Field(1234, description="seed of the run's random choices (adapter initialisation, data order, "
+                      "held-out split, synthetic rows); the passkey probe has its own")
     run_id: str | None = Field(None, description="defaults to <name>-<UTC timestamp>")
-    output_dir: str = "runs"
+    output_dir: str = Field("runs", description="folder that receives the run folders (relative: to the current "
+                            "directory)")
 
     @field_validator("run_id")
     @classmethod
@@ -45,17 +49,50 @@ class RunSection(_Strict):
         return v
 
 
+class QuantizationSection(_Strict):
+    """QLoRA: the frozen base weights loaded in 4 or 8 bits through bitsandbytes (CUDA only)."""
+
+    bits: Literal[4, 8] = Field(4, description="4 (QLoRA's NF4/FP4) or 8 (LLM.int8)")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (ignored for 8 bits)")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype the 4-bit weights are dequantized to for the matmuls")
+    double_quant: bool = Field(True, description="quantize the 4-bit quantization constants too")
+
+
 class ModelSection(_Strict):
+    """The model to grow: a local Hugging Face causal LM folder (safetensors weights only)."""
+
     path: str = Field(..., description="a Hugging Face model folder, or builtin:demo")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype the model is loaded and "
+                                                             "trained in")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="transformers' attention kernel (flash_attention_2 needs the flash-attn package and a GPU)")
+
+    quantization: QuantizationSection | None = Field(
+        None, description="QLoRA: load the frozen base weights quantized through bitsandbytes (needs a CUDA GPU; "
+        "refused on CPU)")
+
+
+def _one_or_many_schema(schema: dict[str, Any]) -> None:
+    """The JSON Schema of ``train``/``eval`` says what ``_one_or_many`` accepts: a path or a list."""
+    for key in ("train", "eval"):
+        prop = schema["properties"][key]
+        meta = {k: prop.pop(k) for k in ("title", "description", "default") if k in prop}
+        schema["properties"][key] = {"anyOf": [{"type": "string"}, prop], **meta}
 
 
 class DataSection(_Strict):
-    train: list[str] = Field(..., min_length=1, description="jsonl/json/txt/parquet files or a saved datasets folder")
-    eval: list[str] = Field(default_factory=list, description="held-out data; defaults to a split of train")
-    text_field: str = "text"
-    eval_fraction: float = Field(0.05, gt=0, lt=1)
+    """Training text and held-out text."""
+
+    model_config = ConfigDict(json_schema_extra=_one_or_many_schema)
+
+    train: list[str] = Field(..., min_length=1, description="one path or a list: jsonl/json/txt/parquet/csv files "
+                             "or a saved datasets folder")
+    eval: list[str] = Field(default_factory=list, description="held-out data (one path or a list); defaults to a "
+                            "split of train")
+    text_field: str = Field("text", description="the field that holds the text in .jsonl/.json/.parquet/.csv rows")
+    eval_fraction: float = Field(0.05, gt=0, lt=1, description="share of the training documents held out when "
+                                 "data.eval is empty")
     synthetic_passkey_share: float = Field(
         0.0, ge=0, le=1, description="fraction of training rows that are passkey retrieval examples"
     )
@@ -69,12 +106,16 @@ class DataSection(_Strict):
 
 
 class LoraSection(_Strict):
-    rank: int = Field(16, ge=1, le=4096)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    use_rslora: bool = False
-    use_dora: bool = False
+    """PEFT LoRA adapters (strategy lora)."""
+
+    rank: int = Field(16, ge=1, le=4096, description="LoRA rank r")
+    alpha: float = Field(32.0, gt=0, description="LoRA scale numerator: updates are scaled by alpha/r "
+                         "(alpha/sqrt(r) with use_rslora)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt; all-linear: q/k/v/o and gate/up/down projections")
+    use_rslora: bool = Field(False, description="rank-stabilised scaling alpha/sqrt(r) (rsLoRA, Kalajdzievski 2023)")
+    use_dora: bool = Field(False, description="weight-decomposed adapters (DoRA, Liu et al. 2024)")
     modules_to_save: list[str] = Field(default_factory=list, description="e.g. norms / embeddings (LongLoRA)")
     rank_pattern: dict[str, int] = Field(default_factory=dict, description="per-module ranks (PEFT rank_pattern)")
     alpha_pattern: dict[str, float] = Field(default_factory=dict, description="per-module alphas (PEFT)")
@@ -84,11 +125,13 @@ class BlockExpansionSection(_Strict):
     """LLaMA Pro style growth: new identity-initialised decoder blocks, old blocks frozen."""
 
     new_blocks: int = Field(1, ge=1, description="decoder blocks to insert (at most one per original block)")
-    train_norms: bool = False
-    train_embeddings: bool = False
+    train_norms: bool = Field(False, description="also train every normalisation layer")
+    train_embeddings: bool = Field(False, description="also train the input embeddings and the output head")
 
 
 class ScalingSection(_Strict):
+    """How the model gains trainable capacity."""
+
     strategy: str = Field("lora", description="lora | block_expansion | a plugin strategy (entry points)")
     lora: LoraSection = Field(default_factory=LoraSection)
     block_expansion: BlockExpansionSection = Field(default_factory=BlockExpansionSection)
@@ -96,12 +139,21 @@ class ScalingSection(_Strict):
 
 
 class ContextSection(_Strict):
-    target_length: int = Field(..., gt=0)
+    """The context to reach, the method that extends it, and the probe-gated stages on the way."""
+
+    target_length: int = Field(..., gt=0, description="the context length to reach, in tokens")
     base_length: int | None = Field(None, gt=0, description="defaults to the model's max_position_embeddings")
-    method: str = "yarn"
-    method_params: dict[str, Any] = Field(default_factory=dict)
+    method: str = Field("yarn", description="context-extension method applied at each stage (rewrites the position "
+                        "encoding's config: RoPE parameters, ALiBi or learned-table length)")
+    method_params: dict[str, Any] = Field(default_factory=dict, description="the method's parameters (yarn: "
+                                          "beta_fast, beta_slow, attention_factor; llama3: low_freq_factor, "
+                                          "high_freq_factor; longrope: short_factor, long_factor; learned_table: "
+                                          "mode, tail); checked by validate")
     schedule: list[int] | None = Field(None, description="explicit stage lengths; default doubles up to target")
-    gate_policy: Literal["extend", "stop", "rollback", "continue"] = "extend"
+    gate_policy: Literal["extend", "stop", "rollback", "continue"] = Field(
+        "extend", description="a failed stage gate: extend trains the stage once more, rollback retries it from its "
+        "start with a lower learning rate (both then end the run at the last stage that passed), stop ends it "
+        "there at once, continue goes on (the verdict stays gates failed)")
     pose: bool = Field(False, description="positional skip-wise training (PoSE, Zhu et al. 2023): train each "
                        "stage on base-length windows whose position ids skip up to the stage length")
     pose_chunks: int = Field(2, ge=2, le=16, description="chunks per PoSE window (each after the first skips)")
@@ -111,16 +163,20 @@ class ContextSection(_Strict):
 
 
 class TrainingSection(_Strict):
+    """The optimizer and the training steps of each stage."""
+
     steps_per_stage: int | list[int] = Field(60, description="one budget for every stage, or one per stage")
-    micro_batch_size: int = Field(4, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(1e-3, gt=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(5, ge=0)
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    max_grad_norm: float = Field(1.0, gt=0)
-    gradient_checkpointing: bool = False
-    logging_steps: int = Field(5, ge=1)
+    micro_batch_size: int = Field(4, ge=1, description="rows per forward pass (per process)")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    learning_rate: float = Field(1e-3, gt=0, lt=1, description="peak AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(5, ge=0, description="linear warm-up steps of the learning-rate schedule")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="learning-rate schedule after the warm-up (transformers' scheduler names)")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradients are clipped to this global norm")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less "
+                                         "memory, slower steps")
+    logging_steps: int = Field(5, ge=1, description="optimizer steps between logged training metrics")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")
     loss_chunk_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="sequence positions per chunk of the chunked losses (every row of the micro-batch is "
@@ -131,6 +187,9 @@ class TrainingSection(_Strict):
         "stage", description="stage: a fresh optimizer and LR schedule (with its warm-up) per stage and attempt; "
         "run: one AdamW and one schedule over the whole run (warm-up once, moments carried across stages, "
         "extensions and rollbacks; stage snapshots hold their state)")
+    sharding: Literal["none", "fsdp2"] = Field(
+        "none", description="under a multi-process launch: none (DDP: every process holds the whole model) or "
+        "fsdp2 (torch FSDP2: each decoder block and the root sharded over the processes, sharded snapshots)")
     task_weights: dict[Literal["lm", "retrieval"], Annotated[float, Field(ge=0)]] = Field(
         default_factory=lambda: {"lm": 1.0, "retrieval": 1.0},
         description="train/loss = sum over the tasks in a batch of weight x that task's mean token CE "
@@ -146,15 +205,20 @@ class TrainingSection(_Strict):
 
 
 class PasskeyProbeSection(_Strict):
-    enabled: bool = True
+    """Synthetic passkey retrieval (a number hidden in filler text) at each stage length."""
+
+    enabled: bool = Field(True, description="run the probe (and its gate)")
     trials: int = Field(50, ge=1, description="trials per length, spread evenly over depths")
-    depths: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    seed: int = 4242
+    depths: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
+                                description="where the passkey sits, as a fraction of the context (0: start, 1: end)")
+    seed: int = Field(4242, description="seed of the trials: the same trials at every stage")
     min_accuracy: float = Field(0.8, ge=0, le=1, description="stage gate")
 
 
 class PerplexityProbeSection(_Strict):
-    enabled: bool = True
+    """Held-out perplexity at each stage length."""
+
+    enabled: bool = Field(True, description="run the probe (and its gate)")
     windows: int = Field(16, ge=1, description="non-overlapping windows of held-out text per length")
     max_ratio_to_base: float = Field(
         1.25, gt=0, description="stage gate: ppl at stage length / base ppl at base length"
@@ -162,16 +226,22 @@ class PerplexityProbeSection(_Strict):
 
 
 class ShortContextProbeSection(_Strict):
-    enabled: bool = True
+    """Held-out perplexity at the base length: what the extension costs the short context."""
+
+    enabled: bool = Field(True, description="run the probe (and its gate)")
     max_regression_pct: float = Field(10.0, ge=0, description="stage gate on ppl at base length vs base model")
 
 
 class CustomProbeSection(_Strict):
+    """An extra probe run after each stage (its figures are logged as probe/<name>/... metrics)."""
+
     name: str = Field(..., description="a probe from the scaler_wizard.probes entry points or probe_dirs")
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the probe class")
 
 
 class EvaluationSection(_Strict):
+    """Probes run on the base model and after each stage; their thresholds are the stage gates."""
+
     probe_dirs: list[str] = Field(default_factory=list, description="folders of drop-in probe files (*.py)")
     custom: list[CustomProbeSection] = Field(default_factory=list, description="extra probes run after each stage")
     passkey: PasskeyProbeSection = Field(default_factory=PasskeyProbeSection)
@@ -183,16 +253,18 @@ class EvaluationSection(_Strict):
 class DistillationSection(_Strict):
     """Knowledge preservation: ``(1-kd_weight)*CE + kd_weight*T^2*KD`` against a teacher."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="add the distillation term to the training loss")
     teacher: Literal["base", "model", "offline"] = Field(
         "base", description="base: the student's own frozen weights, adapters off, original positions"
     )
     teacher_path: str | None = Field(None, description="model folder for teacher: model")
     cache: str | None = Field(None, description="offline top-k cache folder (scaler-wizard distill cache)")
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="forward_kl: KL(teacher || student); reverse_kl: KL(student || teacher); "
+        "jsd: generalised Jensen-Shannon with weight beta")
     beta: float = Field(0.5, ge=0, le=1, description="JSD(beta) mixing weight")
-    temperature: float = Field(1.0, gt=0)
-    kd_weight: float = Field(0.5, ge=0, le=1)
+    temperature: float = Field(1.0, gt=0, description="softmax temperature T of teacher and student")
+    kd_weight: float = Field(0.5, ge=0, le=1, description="weight of the distillation term (formula above)")
     replay_ratio: float = Field(0.0, ge=0, lt=1, description="share of rows replaced by base-length replay rows")
     teacher_context_length: int | None = Field(None, gt=0, description="default: the base context")
 
@@ -206,6 +278,8 @@ class DistillationSection(_Strict):
 
 
 class TelemetrySection(_Strict):
+    """Where metrics go besides the run's own metrics.jsonl."""
+
     remote: RemoteSinkConfig = Field(default_factory=RemoteSinkConfig)
     mirrors: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list, description="also report the Trainer's logs there (transformers' report_to; "
@@ -213,12 +287,14 @@ class TelemetrySection(_Strict):
 
 
 class OutputSection(_Strict):
+    """What the run saves at its end (the adapter, for LoRA, is always saved)."""
+
     merge: bool = Field(True, description="also save merged weights in model/")
-    save_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    save_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the saved weights")
 
 
 class Recipe(_Strict):
-    recipe_version: Literal[1] = 1
+    recipe_version: Literal[1] = Field(1, description="the recipe format's version")
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection
     data: DataSection

@@ -92,8 +92,8 @@ class AlertRequest(_Strict):
 class BucketPolicy(_Strict):
     """Token bucket: up to ``capacity`` grants in a burst, then ``refill_per_s`` per second."""
 
-    capacity: float = Field(..., gt=0)
-    refill_per_s: float = Field(..., ge=0)
+    capacity: float = Field(..., gt=0, description="grants in a burst")
+    refill_per_s: float = Field(..., ge=0, description="grants regained per second")
 
 
 def _default_routes() -> dict[str, list[str]]:
@@ -116,13 +116,14 @@ class ThrottlePolicy(_Strict):
                                                   description="channels used per severity")
     buckets: dict[Channel, BucketPolicy] = Field(default_factory=_default_buckets)
     voice_duration_s: float = Field(8.0, gt=0, description="how long one spoken alert occupies the voice channel")
-    voice_preempts_visual: bool = True
+    voice_preempts_visual: bool = Field(True, description="while a voice alert plays, non-critical visual alerts wait")
     dedup_window_s: float = Field(60.0, ge=0, description="same key within this window is folded (0: off)")
     escalate_after: int = Field(3, ge=0, description="warnings with one key that make it critical (0: never)")
-    escalate_window_s: float = Field(300.0, gt=0)
-    digest_interval_s: float = Field(60.0, gt=0)
-    mode: Mode = "normal"
-    critical_breaks_mute: bool = False
+    escalate_window_s: float = Field(300.0, gt=0, description="window of escalate_after; an escalated key stays "
+                                     "critical this long")
+    digest_interval_s: float = Field(60.0, gt=0, description="seconds between digests of the deferred alerts")
+    mode: Mode = Field("normal", description="quiet defers voice; mute defers voice and visual (the feed still records)")
+    critical_breaks_mute: bool = Field(False, description="critical alerts pass in quiet and mute modes")
 
     @field_validator("routes")
     @classmethod

@@ -48,11 +48,12 @@ class RemoteSinkConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str | None = Field(None, description="collector endpoint (http/https); None = off")
-    batch_size: int = Field(256, ge=1, le=100_000)
-    flush_interval_s: float = Field(2.0, gt=0, le=3600)
-    queue_size: int = Field(10_000, ge=1)
+    batch_size: int = Field(256, ge=1, le=100_000, description="events per POST at most")
+    flush_interval_s: float = Field(2.0, gt=0, le=3600, description="longest wait before a partial batch is sent")
+    queue_size: int = Field(10_000, ge=1, description="events held in memory; when full, new events are dropped "
+                            "and counted (training never waits)")
     timeout_s: float = Field(2.0, gt=0, le=60, description="per POST; bounds how long close() can wait")
-    max_backoff_s: float = Field(60.0, gt=0)
+    max_backoff_s: float = Field(60.0, gt=0, description="longest pause after failed sends (the pause doubles)")
     salt: str = Field(DEFAULT_SALT, min_length=1,
                       description="salt of the name digests; keep the default to aggregate across users")
 
