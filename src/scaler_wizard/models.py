@@ -15,6 +15,8 @@ from typing import Any
 from .errors import ModelLoadError
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
+QLORA_CPU_HINT = ("Without a GPU, remove model.quantization and train LoRA in bfloat16 or float32 (model.dtype); "
+                  "for QLoRA run the recipe on a machine with a CUDA GPU and bitsandbytes installed.")
 
 
 def check_model_dir(path: Path) -> None:
@@ -51,10 +53,29 @@ def check_model_dir(path: Path) -> None:
         raise ModelLoadError(f"{path / 'config.json'} is not valid JSON ({exc}).", hint="Restore the file.") from None
 
 
+def quantization_kwargs(quantization: Any) -> dict[str, Any]:
+    """``model.quantization`` (QLoRA) as the keyword arguments of transformers'
+    ``BitsAndBytesConfig`` (building the config does not need bitsandbytes; loading does)."""
+    q = quantization.model_dump() if hasattr(quantization, "model_dump") else dict(quantization)
+    if int(q["bits"]) == 8:
+        return {"load_in_8bit": True}
+    return {"load_in_4bit": True, "bnb_4bit_quant_type": q.get("quant_type", "nf4"),
+            "bnb_4bit_compute_dtype": q.get("compute_dtype", "bfloat16"),
+            "bnb_4bit_use_double_quant": bool(q.get("double_quant", True))}
+
+
+def quantization_config(quantization: Any) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(**quantization_kwargs(quantization))
+
+
 def load_causal_lm(path: Path, *, dtype: str = "float32", attn_implementation: str | None = None,
-                   what: str = "the model") -> tuple[Any, Any]:
+                   what: str = "the model", quantization: Any = None) -> tuple[Any, Any]:
     """(model, tokenizer) from a checked local folder; every transformers failure becomes a
-    :class:`ModelLoadError` naming the folder."""
+    :class:`ModelLoadError` naming the folder. ``quantization`` (the recipe's
+    ``model.quantization``: QLoRA) loads the base weights through bitsandbytes on the current
+    CUDA device; without CUDA it is refused (preflight refuses it first)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -64,6 +85,12 @@ def load_causal_lm(path: Path, *, dtype: str = "float32", attn_implementation: s
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "local_files_only": True, "use_safetensors": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if quantization is not None:
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"model.quantization (QLoRA) needs a CUDA GPU to load {what}; none is visible.",
+                                 hint=QLORA_CPU_HINT)
+        kwargs["quantization_config"] = quantization_config(quantization)
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)

@@ -56,6 +56,7 @@ def check_inputs(recipe: Recipe, recipe_dir: Path, *, source: str, read_data: bo
         stages = _collect(problems, "context.schedule", lambda: _plan_stages(recipe, base_length), errors)
     _collect(problems, "scaling.options" if recipe.scaling.strategy not in ("lora", "block_expansion")
              else f"scaling.{recipe.scaling.strategy}", lambda: _check_strategy(recipe), errors)
+    _collect(problems, "model.quantization", lambda: _check_quantization(recipe), errors)
     for name, message in _check_probe_files(recipe, recipe_dir):
         problems.append((name, message))
     texts = None
@@ -139,6 +140,25 @@ def _check_strategy(recipe: Recipe) -> None:
     validate = getattr(strategy, "options", None)
     if callable(validate):
         validate(strategy_options(recipe))
+
+
+def _check_quantization(recipe: Recipe) -> None:
+    """QLoRA (``model.quantization``) loads through bitsandbytes, which needs a CUDA GPU."""
+    if recipe.model.quantization is None:
+        return
+    import importlib.util
+
+    import torch
+
+    from .errors import PlanError
+    from .models import QLORA_CPU_HINT
+
+    if not torch.cuda.is_available():
+        raise PlanError(f"model.quantization ({recipe.model.quantization.bits}-bit QLoRA) needs a CUDA GPU; "
+                        "this machine has none.", hint=QLORA_CPU_HINT)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise PlanError("model.quantization (QLoRA) needs the bitsandbytes package, which is not installed.",
+                        hint="pip install bitsandbytes, or remove model.quantization to train LoRA unquantized.")
 
 
 def _check_probe_files(recipe: Recipe, recipe_dir: Path) -> list[tuple[str, str]]:
