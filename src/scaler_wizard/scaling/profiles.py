@@ -177,10 +177,13 @@ def recommend(
     dataset_tokens: int | None = None,
     data: list[str] | None = None,
     eval_data: list[str] | None = None,
+    base_length: int | None = None,
 ) -> Recommendation:
     """Adapt the use case's template to the model and hardware (see the module docstring).
     ``data`` / ``eval_data``: the training and held-out files; without ``data`` the recipe's
-    ``data.train`` is empty (see :attr:`Recommendation.missing_data`)."""
+    ``data.train`` is empty (see :attr:`Recommendation.missing_data`). ``base_length``: treat the
+    model as trained to this many tokens (``context.base_length``; at most its
+    ``max_position_embeddings``), e.g. to extend a short window of a model for a quick test."""
     uc = USE_CASES.get(use_case)
     if uc is None:
         raise PlanError(f"Unknown use case {use_case!r}; choose one of {', '.join(USE_CASES)}.")
@@ -191,9 +194,16 @@ def recommend(
     if not dims.max_position_embeddings:
         raise ModelLoadError(f"{model}: config.json has no max_position_embeddings; the base context is unknown.")
     base = dims.max_position_embeddings
+    if base_length is not None and not 0 < base_length <= base:
+        raise PlanError(f"base length {base_length} must be between 1 and the model's max_position_embeddings {base}.",
+                        hint=f"Pass --base-length up to {base}, or leave it out.")
     recipe, adj, notes = load_template(use_case), [], []
     written_path = model if model.startswith("builtin:") else str(resolve_path(model).resolve())
     _set(recipe, "model.path", written_path, "the model you asked for", adj)
+    if base_length is not None:
+        base = base_length
+        _set(recipe, "context.base_length", base_length, "--base-length (below the model's "
+             f"{dims.max_position_embeddings})", adj)
     # never the template's demo data: the user's files, or an empty list that validation refuses
     recipe.setdefault("data", {}).pop("eval", None)
     _set(recipe, "data.train", train_files, "--data" if train_files else "no --data given: fill in your files", adj)
