@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..fsutil import utc_now
 from ..telemetry.reader import parse_line
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -62,10 +63,6 @@ def resolve_run_dir(runs_dir: Path, run_id: str) -> Path:
     if not path.is_dir():
         raise RunNotFoundError(f"No run {run_id!r} in {root}.", hint="List runs at /api/runs.")
     return path
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 # ---------------------------------------------------------------------------- no-follow file access
