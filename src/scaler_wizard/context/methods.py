@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from ..errors import PluginError, UnsupportedMethodError
+from ..models import unwrap
 from ..registry import Registry
 
 ENTRY_POINT_GROUP = "scaler_wizard.context_methods"
@@ -397,7 +398,7 @@ def apply_to_model(
     import torch
 
     params = dict(params or {})
-    base_model = _unwrap(model)
+    base_model = unwrap(model)
     source = original_config if original_config is not None else base_model.config
     method = get_context_method(method_name, source)
     new_config = scaled_config(source, method_name, base_length, target_length, params)
@@ -429,11 +430,6 @@ def _learned_position_table(model: Any):
         return model.get_submodule("transformer.wpe")
     except AttributeError:
         raise UnsupportedMethodError("Could not find the learned position table (transformer.wpe).") from None
-
-
-def _unwrap(model: Any) -> Any:
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def _set_submodule(root: Any, dotted: str, module: Any) -> None:

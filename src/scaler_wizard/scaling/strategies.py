@@ -31,6 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import PlanError, PluginError, UnsupportedMethodError
+from ..models import decoder_and_head, unwrap
 from ..registry import Registry
 from .memory import ALL_LINEAR, ModelDims, StrategyPlan
 
@@ -204,15 +205,15 @@ def insertion_points(num_layers: int, new_blocks: int) -> list[int]:
 
 
 def _decoder(model: Any) -> Any:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = getattr(base, getattr(base, "base_model_prefix", "model"), None)
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
+    """(the transformers model, its decoder) through a PEFT wrapper; the decoder must hold a
+    ``layers`` list."""
+    decoder, _ = decoder_and_head(model)
+    if getattr(decoder, "layers", None) is None:
         raise UnsupportedMethodError(
             f"block_expansion needs a decoder with a `layers` list (Llama, Mistral, Qwen2 ...); "
-            f"{type(base).__name__} has none.", hint="Use the lora strategy for this model.",
+            f"{type(unwrap(model)).__name__} has none.", hint="Use the lora strategy for this model.",
         )
-    return base, decoder
+    return unwrap(model), decoder
 
 
 def _zero_output_projections(block: Any) -> None:
