@@ -28,10 +28,11 @@ import copy
 from collections.abc import Iterator, Mapping
 from typing import Any, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ..errors import PlanError, PluginError, UnsupportedMethodError
 from ..models import decoder_and_head, unwrap
+from ..recipe import BlockExpansionSection, LoraSection
 from ..registry import Registry
 from .memory import ALL_LINEAR, ModelDims, StrategyPlan
 
@@ -120,23 +121,12 @@ def _validate(model_cls: type[BaseModel], options: Mapping[str, Any], strategy: 
 # ------------------------------------------------------------------------------------------
 
 
-class LoraOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    rank: int = Field(16, ge=1, le=4096)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | str = "all-linear"
-    use_rslora: bool = False
-    use_dora: bool = False
-    modules_to_save: list[str] = Field(default_factory=list)
-    rank_pattern: dict[str, int] = Field(default_factory=dict)
-    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+class LoraOptions(LoraSection):
+    """The recipe's ``scaling.lora`` section (one set of fields and bounds), and what the
+    strategy derives from it."""
 
     def targets(self) -> tuple[str, ...]:
-        if self.target_modules == "all-linear":
-            return ALL_LINEAR
-        return tuple([self.target_modules] if isinstance(self.target_modules, str) else self.target_modules)
+        return ALL_LINEAR if self.target_modules == "all-linear" else tuple(self.target_modules)
 
     def to_peft(self) -> Any:
         from peft import LoraConfig
@@ -183,12 +173,7 @@ class LoraStrategy:
 # ------------------------------------------------------------------------------------------
 
 
-class BlockExpansionOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    new_blocks: int = Field(..., ge=1, description="decoder blocks to add")
-    train_norms: bool = False
-    train_embeddings: bool = False
+BlockExpansionOptions = BlockExpansionSection  # the recipe's scaling.block_expansion section
 
 
 def insertion_points(num_layers: int, new_blocks: int) -> list[int]:
