@@ -167,26 +167,11 @@ def _set(recipe: dict, path: str, value: Any, reason: str, adjustments: list[Adj
         adjustments.append(Adjustment(path, before, value, reason))
 
 
-def recommend(
-    use_case: str,
-    model: str,
-    hardware: HardwareProfile | None,
-    *,
-    target_context: int | None = None,
-    capacity: float | None = None,
-    dataset_tokens: int | None = None,
-    data: list[str] | None = None,
-    eval_data: list[str] | None = None,
-    base_length: int | None = None,
-) -> Recommendation:
-    """Adapt the use case's template to the model and hardware (see the module docstring).
-    ``data`` / ``eval_data``: the training and held-out files; without ``data`` the recipe's
-    ``data.train`` is empty (see :attr:`Recommendation.missing_data`). ``base_length``: treat the
-    model as trained to this many tokens (``context.base_length``; at most its
-    ``max_position_embeddings``), e.g. to extend a short window of a model for a quick test."""
-    uc = USE_CASES.get(use_case)
-    if uc is None:
-        raise PlanError(f"Unknown use case {use_case!r}; choose one of {', '.join(USE_CASES)}.")
+def _adapt_template(recipe: dict, adj: list[Adjustment], uc: UseCase, model: str,
+                    hardware: HardwareProfile | None, target_context: int | None, data: list[str] | None,
+                    eval_data: list[str] | None, base_length: int | None) -> tuple[ModelDims, int, int, str]:
+    """The template's model, data, context and precision for this model and machine; returns
+    (model dimensions, base length, target length, dtype). Memory is not looked at yet."""
     train_files, eval_files = _data_paths(data, "--data"), _data_paths(eval_data, "--eval-data")
     if eval_files and not train_files:
         raise DataError("--eval-data was given without --data.", hint="Pass the training files with --data FILE.")
@@ -197,7 +182,6 @@ def recommend(
     if base_length is not None and not 0 < base_length <= base:
         raise PlanError(f"base length {base_length} must be between 1 and the model's max_position_embeddings {base}.",
                         hint=f"Pass --base-length up to {base}, or leave it out.")
-    recipe, adj, notes = load_template(use_case), [], []
     written_path = model if model.startswith("builtin:") else str(resolve_path(model).resolve())
     _set(recipe, "model.path", written_path, "the model you asked for", adj)
     if base_length is not None:
@@ -219,6 +203,32 @@ def recommend(
     _set(recipe, "model.dtype", dtype, why, adj)
     if hardware is not None and hardware.accelerator == "cuda" and dims.max_position_embeddings:
         _set(recipe, "model.attn_implementation", "sdpa", "SDPA dispatches to FlashAttention kernels on CUDA", adj)
+    return dims, base, target, dtype
+
+
+def recommend(
+    use_case: str,
+    model: str,
+    hardware: HardwareProfile | None,
+    *,
+    target_context: int | None = None,
+    capacity: float | None = None,
+    dataset_tokens: int | None = None,
+    data: list[str] | None = None,
+    eval_data: list[str] | None = None,
+    base_length: int | None = None,
+) -> Recommendation:
+    """Adapt the use case's template to the model and hardware (see the module docstring).
+    ``data`` / ``eval_data``: the training and held-out files; without ``data`` the recipe's
+    ``data.train`` is empty (see :attr:`Recommendation.missing_data`). ``base_length``: treat the
+    model as trained to this many tokens (``context.base_length``; at most its
+    ``max_position_embeddings``), e.g. to extend a short window of a model for a quick test."""
+    uc = USE_CASES.get(use_case)
+    if uc is None:
+        raise PlanError(f"Unknown use case {use_case!r}; choose one of {', '.join(USE_CASES)}.")
+    recipe, adj, notes = load_template(use_case), [], []
+    dims, base, target, dtype = _adapt_template(recipe, adj, uc, model, hardware, target_context, data, eval_data,
+                                                base_length)
 
     t = recipe["training"]
     req = MemoryRequest(
