@@ -83,6 +83,28 @@ class Dist:
         n = int.from_bytes(raw[:4], "little")
         return raw[4 : 4 + n].decode("utf-8")
 
+    def gather_text(self, text: str) -> list[str]:
+        """Every process's ``text``, in rank order, on every process (byte tensors, no pickle)."""
+        if not self.enabled:
+            return [text]
+        import torch
+        import torch.distributed as dist
+
+        data = text.encode("utf-8")
+        if len(data) > _MAX_TEXT_BYTES:
+            raise ValueError(f"gathered text longer than {_MAX_TEXT_BYTES} bytes")
+        buf = torch.zeros(_MAX_TEXT_BYTES + 4, dtype=torch.uint8, device=self._device())
+        buf[:4] = torch.tensor(list(len(data).to_bytes(4, "little")), dtype=torch.uint8)
+        if data:
+            buf[4 : 4 + len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+        bufs = [torch.zeros_like(buf) for _ in range(self.world_size)]
+        dist.all_gather(bufs, buf)
+        out = []
+        for b in bufs:
+            raw = bytes(b.cpu().tolist())
+            out.append(raw[4 : 4 + int.from_bytes(raw[:4], "little")].decode("utf-8"))
+        return out
+
     def agree(self, main_only: Callable[[], T], what: str) -> T | None:
         """Run ``main_only`` on the main process; if it raises there, every process raises
         (the main one its own error, the others :class:`PeerFailed`), so none is left waiting

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,15 +71,16 @@ def run(
                      interactive=interactive, approvers=approvers, resuming=resume_point is not None)
     reporter = PhaseMarker(reporter, status)  # each phase also goes to status.json
     with RunRecorder(inputs, run_dir, status, grant, dist, resumed_at=resume_point) as record:
-        custom_probes = load_custom_probes(recipe, inputs.recipe_dir)  # drop-in code runs only now
+        approved = record.keep_until_exit(use_approved_bytes(inputs, grant, dist, run_dir))
+        custom_probes = load_custom_probes(recipe, approved.probe_dirs)  # drop-in code runs only now
 
         # 3. The model, its tokenizer, the token streams.
         reporter.phase(f"loading model from {inputs.model_dir}")
-        model, tokenizer = load_causal_lm(inputs.model_dir, dtype=recipe.model.dtype,
+        model, tokenizer = load_causal_lm(approved.model_dir, dtype=recipe.model.dtype,
                                           attn_implementation=recipe.model.attn_implementation)
         original_config = copy.deepcopy(model.config)
-        train_stream = token_stream(tokenizer, inputs.train_texts)
-        heldout_stream = token_stream(tokenizer, inputs.eval_texts)
+        train_stream = token_stream(tokenizer, approved.train_texts)
+        heldout_stream = token_stream(tokenizer, approved.eval_texts)
 
         # 4. The base model, unscaled, at the base length and at every stage length.
         reporter.phase("probing the base model")
@@ -90,7 +92,8 @@ def run(
         model = attach_strategy(recipe, model)
         record.log_parameters(model)
         teacher, distill_config = prepare_distillation(recipe, model, tokenizer, original_config,
-                                                       inputs.base_length, inputs.recipe_dir)
+                                                       inputs.base_length, teacher_dir=approved.teacher_dir,
+                                                       cache_dir=approved.cache_dir)
         guards = RunGuards(recipe, run_dir, record.writer, baseline=ctx.baseline, dist=dist)
 
         # 6. The stages: scale positions, train, probe, gate (a resumed run restarts at its position).
@@ -180,6 +183,56 @@ def _approve(inputs: RunInputs, run_dir: Path, status: RunStatus, dist, **how: A
             raise
 
     return dist.agree(approve, "the approval")  # None on the other processes: the main one holds it
+
+
+@dataclass
+class ApprovedInputs:
+    """Where the run reads what the approval covers: private copies of the approved bytes."""
+
+    model_dir: Path
+    teacher_dir: Path | None
+    cache_dir: Path | None
+    probe_dirs: list[Path]
+    train_texts: list[str]
+    eval_texts: list[str]
+    folder: Path | None = None  # the private copies, removed when the run ends
+
+
+def use_approved_bytes(inputs: RunInputs, grant, dist, run_dir: Path) -> ApprovedInputs:
+    """Close every gap between what was approved and what is used: the data files read before
+    the approval must be the approved bytes; the model, teacher, offline cache, drop-in probe
+    code and saved data folders are used from private copies (0700) made from bytes hashed while
+    copied, so a file swapped or a link repointed after the approval is never read."""
+    recipe = inputs.recipe
+    d = recipe.distillation
+
+    def copies() -> dict[str, Any]:
+        folder = run_dir / f".approved-{os.getpid()}"
+        os.mkdir(folder, 0o700)
+        for path, size, digest in inputs.data_reads:
+            grant.verified.verify_read(path, size, digest)
+        bound = {(f.role, f.root) for f in grant.verified.files}
+
+        def copy_of(role: str, root: str | None, name: str) -> str | None:
+            return str(grant.materialize(role, root, folder / name)) if root and (role, root) in bound else None
+
+        return {"folder": str(folder), "model": copy_of("model", recipe.model.path, "model"),
+                "teacher": copy_of("teacher", d.teacher_path, "teacher"),
+                "cache": copy_of("distill_cache", d.cache, "distill_cache"),
+                "probes": [copy_of("probe_code", p, f"probes-{i}") for i, p in enumerate(recipe.evaluation.probe_dirs)],
+                "data": {v: copy_of("data", v, f"data-{i}") for i, v in enumerate(inputs.data_folders)}}
+
+    if grant is None and dist.is_main:  # pragma: no cover - authorize_run always returns a grant
+        raise PlanError("No approval.")
+    paths = json.loads(dist.broadcast_text(json.dumps(dist.agree(copies, "copying the approved files"))))
+    texts = (inputs.train_texts, inputs.eval_texts)
+    if paths["data"]:  # saved datasets folders: read from their approved copies
+        from .preflight import read_texts
+
+        texts = read_texts(recipe, inputs.recipe_dir, {k: Path(v) for k, v in paths["data"].items()})[:2]
+    optional = (lambda p: Path(p) if p else None)
+    return ApprovedInputs(Path(paths["model"]), optional(paths["teacher"]), optional(paths["cache"]),
+                          [Path(p) for p in paths["probes"]], *texts, folder=Path(paths["folder"]))
 
 
 def probe_base(model, inputs: RunInputs, ctx: ProbeContext, run_dir: Path, writer, *, resumed: bool,

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import ast
 import copy
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,10 @@ class RunInputs:
     stages: list[Any]
     train_texts: list[str]
     eval_texts: list[str]
+    # the data files as read: (path, bytes, sha256), checked against the approval once it exists
+    data_reads: list[tuple[Path, int, str]] = field(default_factory=list)
+    # saved `datasets` folders: re-read from the approved copy after the approval
+    data_folders: list[str] = field(default_factory=list)
 
 
 def check_recipe(recipe_path: str | Path | None) -> tuple[Recipe, Path]:
@@ -61,13 +66,15 @@ def check_inputs(recipe: Recipe, recipe_dir: Path, *, source: str, read_data: bo
         problems.append((name, message))
     texts = None
     if read_data:
-        texts = _collect(problems, "data", lambda: _read_texts(recipe, recipe_dir), errors)
+        texts = _collect(problems, "data", lambda: read_texts(recipe, recipe_dir), errors)
     if len(problems) == 1 and len(errors) == 1:
         raise errors[0]  # one problem: its own type, message and hint
     if problems:
         raise RecipeError(source, problems)
-    train_texts, eval_texts = texts if texts is not None else ([], [])
-    return RunInputs(recipe, recipe_dir, model_dir, model_config, base_length, stages, train_texts, eval_texts)
+    train_texts, eval_texts, reads = texts if texts is not None else ([], [], [])
+    folders = [v for v in [*recipe.data.train, *recipe.data.eval] if resolve_path(v, recipe_dir).is_dir()]
+    return RunInputs(recipe, recipe_dir, model_dir, model_config, base_length, stages, train_texts, eval_texts,
+                     reads, folders)
 
 
 def _collect(problems: list[tuple[str, str]], field: str, check, errors: list[ScalerWizardError]) -> Any:
@@ -205,21 +212,52 @@ def _probe_names_in(file: Path) -> set[str]:
     return names
 
 
-def _read_texts(recipe: Recipe, recipe_dir: Path) -> tuple[list[str], list[str]]:
+def read_texts(recipe: Recipe, recipe_dir: Path, folders: dict[str, Path] | None = None
+               ) -> tuple[list[str], list[str], list[tuple[Path, int, str]]]:
+    """(train texts, eval texts, reads). Each data file is read once, without following a link,
+    and parsed from a private copy of exactly those bytes; its (path, size, sha256) is returned
+    so the bytes used can be checked against the approval (no window between hashing and use).
+    ``folders``: approved copies of saved ``datasets`` folders to read instead of the originals."""
+    import tempfile
+
     from .data import load_texts, split_heldout
+    from .errors import ContractError, DataError
+    from .safety.contract import read_and_hash
 
-    train = load_texts([resolve_path(p, recipe_dir) for p in recipe.data.train], recipe.data.text_field)
-    if recipe.data.eval:
-        return train, load_texts([resolve_path(p, recipe_dir) for p in recipe.data.eval], recipe.data.text_field)
-    return split_heldout(train, recipe.data.eval_fraction, recipe.run.seed)
+    reads: list[tuple[Path, int, str]] = []
+    with tempfile.TemporaryDirectory(prefix="scaler-wizard-data-") as private:
+        def load(values: list[str]) -> list[str]:
+            paths = []
+            for value in values:
+                path = resolve_path(value, recipe_dir)
+                if folders and value in folders:
+                    paths.append(folders[value])
+                elif path.is_dir() or not path.exists():
+                    paths.append(path)  # a saved datasets folder, or a clear "does not exist" from load_texts
+                else:
+                    try:
+                        data, size, digest = read_and_hash(os.path.realpath(path), f"data file {path}")
+                    except ContractError as exc:  # not a regular file (a FIFO, a device ...)
+                        raise DataError(str(exc), hint="Point data.train / data.eval at regular files.") from None
+                    reads.append((path, size, digest))
+                    copy = Path(private) / f"{len(reads)}{path.suffix}"
+                    copy.write_bytes(data)
+                    paths.append(copy)
+            return load_texts(paths, recipe.data.text_field)
+
+        train = load(recipe.data.train)
+        if recipe.data.eval:
+            return train, load(recipe.data.eval), reads
+    return (*split_heldout(train, recipe.data.eval_fraction, recipe.run.seed), reads)
 
 
-def load_custom_probes(recipe: Recipe, recipe_dir: Path) -> list[Any]:
-    """Instances of the recipe's extra probes (entry points and drop-in folders). This runs the
-    drop-in code, so the pipeline calls it only after the run was approved."""
+def load_custom_probes(recipe: Recipe, probe_dirs: list[Path]) -> list[Any]:
+    """Instances of the recipe's extra probes (entry points and the drop-in folders given: the
+    approved copies). This runs the drop-in code, so the pipeline calls it only after the run was
+    approved."""
     if not recipe.evaluation.custom:
         return []
     from .evaluation.registry import discover_probes
 
-    catalog = discover_probes([resolve_path(d, recipe_dir) for d in recipe.evaluation.probe_dirs])
+    catalog = discover_probes(probe_dirs)
     return [catalog.create(spec.name, **spec.options) for spec in recipe.evaluation.custom]

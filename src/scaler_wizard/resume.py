@@ -51,6 +51,7 @@ class RunPosition:
     last_losses: list[float] = field(default_factory=list)
     model_length: int = 0
     finished: bool = False
+    work: dict[str, Any] | None = None  # the approval's work budget done (steps, tokens)
     schema_version: int = POSITION_SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:

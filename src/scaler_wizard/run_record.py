@@ -334,6 +334,18 @@ class RunRecorder:
             self.writer.add_listener(self.remote.submit)
         return self
 
+    def keep_until_exit(self, approved: Any) -> Any:
+        """The private copies of the approved inputs live as long as the run (removed on exit)."""
+        self._private = getattr(approved, "folder", None)
+        return approved
+
+    def _remove_private(self) -> None:
+        import shutil
+
+        folder = getattr(self, "_private", None)
+        if folder is not None and self.dist.is_main:
+            shutil.rmtree(folder, ignore_errors=True)
+
     def log_parameters(self, model: Any) -> None:
         self.parameters = {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                            "total": sum(p.numel() for p in model.parameters())}
@@ -379,6 +391,7 @@ class RunRecorder:
             self.remote = None
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        self._remove_private()
         if exc is None:
             if not getattr(self, "_finished", False):
                 self._close_sinks()  # a non-main process: the main one reports

@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PlanError
-from ..recipe import Recipe, resolve_path
+from ..recipe import Recipe
 
 
-def prepare_distillation(recipe: Recipe, model, tokenizer, original_config, base_length: int,
-                         recipe_dir: Path | None = None):
-    """(teacher, DistillConfig) when distillation is on, else (None, None). Paths resolve against
-    the recipe's folder, like every other path in a recipe."""
+def prepare_distillation(recipe: Recipe, model, tokenizer, original_config, base_length: int, *,
+                         teacher_dir: Path | None = None, cache_dir: Path | None = None):
+    """(teacher, DistillConfig) when distillation is on, else (None, None). ``teacher_dir`` and
+    ``cache_dir``: where to read ``distillation.teacher_path`` and ``distillation.cache`` (the
+    pipeline passes the private copies of their approved bytes)."""
     d = recipe.distillation
     if not d.enabled:
         return None, None
@@ -38,8 +39,8 @@ def prepare_distillation(recipe: Recipe, model, tokenizer, original_config, base
 
     teacher = build_teacher(
         d.teacher, model, original_config=original_config,
-        teacher_path=resolve_path(d.teacher_path, recipe_dir) if d.teacher_path else None,
-        cache_dir=resolve_path(d.cache, recipe_dir) if d.cache else None,
+        teacher_path=teacher_dir,
+        cache_dir=cache_dir,
         context_length=d.teacher_context_length or base_length,
         dtype=recipe.model.dtype, student_tokenizer=tokenizer,
     )

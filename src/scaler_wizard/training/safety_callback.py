@@ -207,4 +207,32 @@ class SafetyCallback(TrainerCallback):
         control.should_training_stop = True
 
 
-__all__ = ["RequestedAction", "SafetyCallback"]
+class WorkBudgetCallback(TrainerCallback):
+    """Charges every optimizer step (and its tokens) to the approval's work budget *before* the
+    step runs (``gatekeeper.WorkBudget``: work done, rollbacks and extensions included), so the
+    step that would pass the approved ``max_steps``/``max_tokens`` never runs. Only the main
+    process holds the budget; with several processes the refusal is agreed (one all-reduce per
+    step) and every process raises, so none is left waiting in a collective."""
+
+    def __init__(self, work: Any, tokens_per_step: int):
+        self.work = work  # None on the non-main processes
+        self.tokens_per_step = tokens_per_step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        from ..errors import ContractError
+
+        error = None
+        if self.work is not None:
+            try:
+                self.work.charge(1, self.tokens_per_step)
+            except ContractError as exc:
+                error = exc
+        if _is_distributed():
+            refused = _agree_max(int(error is not None), getattr(args, "device", None))
+            if refused and error is None:
+                error = ContractError("Scope exceeded on the main process; the run stops here.")
+        if error is not None:
+            raise error
+
+
+__all__ = ["RequestedAction", "SafetyCallback", "WorkBudgetCallback"]

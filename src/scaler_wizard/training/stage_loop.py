@@ -104,6 +104,7 @@ class StageLoop:
 
             # training rows use the training wordings only: the probe's template stays unseen
             self.passkey_builder = MixedTemplateBuilder(env.tokenizer, env.tokenizer.bos_token_id)
+        self.sharded = self._shard() if t.sharding == "fsdp2" and env.dist.enabled else None
 
     # ----------------------------------------------------------------------------- the loop
     def run(self) -> LoopResult:
@@ -115,6 +116,10 @@ class StageLoop:
             if stage.index < self.pos.stage or (stage.index == self.pos.stage and self.pos.complete):
                 continue  # finished before the interruption
             self._run_stage(stage)
+        if self.sharded is not None:  # the main process exports alone: gather the whole model there
+            from .sharded import gather_and_unshard
+
+            gather_and_unshard(self.env.model, self.env.dist)
         self.env.guards.close()
         return LoopResult(self.outcomes, self.pos.global_step, self.pos.model_length or self.env.base_length,
                           list(self.pos.first_losses), list(self.pos.last_losses))
@@ -127,7 +132,9 @@ class StageLoop:
             self._set_length(pos.model_length or self._derived_model_length())
         else:
             self._set_length(self._stage(pos.stage).length)
-        env.guards.load_weights(env.model, self.start_snapshot, **self._optimizer_kwargs())
+        self._load_weights(self.start_snapshot, **self._optimizer_kwargs())
+        if pos.work and env.grant is not None:  # the approval's work done before the interruption
+            env.grant.work.restore(pos.work)
         if pos.envelope:  # the spike rules' windows and the rollbacks used continue, not restart
             env.guards.envelope.load_state_dict(pos.envelope)
         if pos.complete and not pos.finished:
@@ -191,7 +198,7 @@ class StageLoop:
         env.writer.sync()
         if decision in ENDS_THE_RUN:
             # back to the last pair that passed: the stage-start weights with the previous length
-            env.guards.load_weights(env.model, attempt.stage_start)
+            self._load_weights(attempt.stage_start)
             self._set_length(previous_length)
             env.writer.log(pos.global_step, "gate/ended_at_length", float(previous_length), stage=stage.index)
         pos.complete, pos.finished = True, decision in ENDS_THE_RUN or stage.index == len(env.stages)
@@ -215,7 +222,8 @@ class StageLoop:
             if pos.stage_step > 0:
                 from .stage_trainer import ResumeFrom
 
-                attempt.resume_from = ResumeFrom(env.guards.cache.open_files(start), pos.trainer_state)
+                attempt.resume_from = ResumeFrom(env.guards.cache.open_files(start), pos.trainer_state,
+                                                 sharded=self._sharded_loader(start))
                 attempt.carried_losses = list(pos.last_losses)
             pos.global_step = pos.attempt_start_step
             return attempt
@@ -236,7 +244,7 @@ class StageLoop:
         """Back to the stage-start snapshot with a lower learning rate; the next attempt trains
         on other batches (its rows are seeded by the attempt number)."""
         env, pos = self.env, self.pos
-        env.guards.load_weights(env.model, attempt.stage_start, **self._optimizer_kwargs())
+        self._load_weights(attempt.stage_start, **self._optimizer_kwargs())
         if count_rollback:
             env.guards.envelope.record_rollback(attempt.stage_start.step)
         pos.global_step = attempt.stage_start.step
@@ -251,7 +259,7 @@ class StageLoop:
         attempt.number, attempt.resume_from, attempt.carried_losses = nxt.number, None, []
 
     def _train_attempt(self, stage: Stage, attempt: _StageAttempt):
-        from .safety_callback import SafetyCallback
+        from .safety_callback import SafetyCallback, WorkBudgetCallback
         from .stage_trainer import SnapshotCallback, StageTelemetryCallback, train_stage, trainer_state_json
 
         env, pos, recipe = self.env, self.pos, self.env.recipe
@@ -278,15 +286,19 @@ class StageLoop:
             pos.trainer_state = trainer_state_json(state)
             pos.model_length = stage.length
             first = pos.first_losses or losses[:2]
-            env.guards.commit(model, pos.global_step, stage.index, pinned=False, optimizer=optimizer,
-                              scheduler=scheduler, position=self._position(first_losses=first,
-                                                                           last_losses=losses[-2:]))
+            commit = env.guards.commit if self.sharded is None else self._sharded_commit
+            commit(model, pos.global_step, stage.index, pinned=False, optimizer=optimizer,
+                   scheduler=scheduler, position=self._position(first_losses=first, last_losses=losses[-2:]))
 
-        snapshots = SnapshotCallback(recipe.training.snapshot_every, save_resume_point)
-        self._check_scope(stage)
+        snapshots = SnapshotCallback(recipe.training.snapshot_every, save_resume_point,
+                                     collective=self.sharded is not None)
+        budget = WorkBudgetCallback(env.grant.work if env.grant is not None else None, tokens_per_step)
+        # a resumed attempt has done pos.stage_step of its steps already (charged before the kill)
+        self._check_scope(stage, stage.steps - (pos.stage_step if resume_from is not None else 0), tokens_per_step)
         env.reporter.start_training(stage, stage.steps)
         trainer = train_stage(env.model, rows, recipe, stage.steps, env.run_dir / ".trainer",
-                              recipe.run.seed + stage.index + 100 * attempt.number, [telemetry, safety, snapshots],
+                              recipe.run.seed + stage.index + 100 * attempt.number,
+                              [budget, telemetry, safety, snapshots],
                               learning_rate=pos.learning_rate, teacher=env.teacher, distill=env.distill_config,
                               side_metrics=side, resume=resume_from, optimizers=self._run_optimizers())
         env.reporter.end_training()
@@ -320,14 +332,18 @@ class StageLoop:
         return mix_in_replay(recipe, rows, env.train_stream, env.base_length, env.tokenizer.pad_token_id,
                              seed=recipe.run.seed + 7 * stage.index + attempt_number, teacher=env.teacher)
 
-    def _check_scope(self, stage: Stage) -> None:
-        """The approval covers this stage's length, steps and data, or the run stops here."""
+    def _check_scope(self, stage: Stage, steps: int, tokens_per_step: int) -> None:
+        """Before every attempt: the approval still stands and covers this stage's length, steps,
+        tokens and data (work done so far counted, rollbacks included), and every bound input
+        file still has its approved bytes -- or the run stops here."""
         from ..safety.gatekeeper import check_scope
 
         env = self.env
-        env.dist.agree(lambda: check_scope(env.grant, stage_length=stage.length, steps_so_far=self.pos.global_step,
-                                           stage_steps=stage.steps, recipe=env.recipe, stage_index=stage.index),
-                       "the approval scope check")
+        env.dist.agree(lambda: check_scope(
+            env.grant, stage_length=stage.length, steps_so_far=env.grant.work.steps, stage_steps=steps,
+            tokens_so_far=env.grant.work.tokens, stage_tokens=steps * tokens_per_step,
+            data_sha256=env.grant.verified.data_sha256, recipe=env.recipe, stage_index=stage.index,
+            recheck_files=True, require_counts=True), "the approval scope check")
 
     # -------------------------------------------------------------------------- the pieces
     def _probe(self, stage: Stage) -> list[ProbeResult]:
@@ -356,12 +372,47 @@ class StageLoop:
         data = asdict(self.pos)
         data.update(outcomes=[asdict(o) for o in self.outcomes], envelope=self.env.guards.envelope.state_dict(),
                     **override)
+        if self.env.grant is not None:  # the approval's work budget, carried across a resume
+            data["work"] = self.env.grant.work.to_dict()
         return RunPosition(**data)
 
     def _snapshot(self, stage_index: int, *, pinned: bool, metrics: dict | None = None):
         """A stage-boundary snapshot (a rollback and resume target) of the loop's position."""
+        if self.sharded is not None:
+            return self._sharded_commit(self.env.model, self.pos.global_step, stage_index, pinned=pinned,
+                                        metrics=metrics, position=self._position(), **self._optimizer_kwargs())
         return self.env.guards.snapshot(self.env.model, self.pos.global_step, stage_index, pinned=pinned,
                                         metrics=metrics, position=self._position(), **self._optimizer_kwargs())
+
+    # ------------------------------------------------- sharded mode (training.sharding: fsdp2)
+    def _shard(self):
+        """FSDP2 over every process (training/sharded.py), after the strategy was attached."""
+        from ..errors import PlanError
+        from .sharded import ShardedCheckpoints, local_parameter_bytes, shard_model
+
+        env = self.env
+        if env.teacher is not None:
+            raise PlanError("training.sharding: fsdp2 does not support distillation yet (the teacher would need "
+                            "its own sharding).", hint="Set distillation.enabled: false, or training.sharding: none.")
+        shard_model(env.model, env.dist.world_size)
+        env.writer.log(self.pos.global_step, "dist/param_bytes_per_process", float(local_parameter_bytes(env.model)),
+                       processes=env.dist.world_size)
+        return ShardedCheckpoints(env.guards.cache, env.run_dir.name, env.dist)
+
+    def _sharded_commit(self, model, step: int, stage: int, **kwargs: Any):
+        self.env.writer.sync()  # telemetry is durable up to every snapshot (a no-op off the main process)
+        return self.sharded.commit(model, step, stage, **kwargs)
+
+    def _load_weights(self, snap, **kwargs: Any) -> None:
+        if self.sharded is not None:
+            self.sharded.load(self.env.model, snap, **kwargs)
+        else:
+            self.env.guards.load_weights(self.env.model, snap, **kwargs)
+
+    def _sharded_loader(self, snap):
+        if self.sharded is None:
+            return None
+        return lambda model, **kwargs: self.sharded.load(model, snap, **kwargs)
 
     def _run_optimizers(self) -> tuple[Any, Any] | None:
         """The run-wide optimizer and schedule (``training.optimizer_scope: run``), built once

@@ -45,6 +45,8 @@ class ScalingTrainer(Trainer):
         super().__init__(*args, **kwargs)
         # snapshot files (logical name -> path) that the overridden loaders below read on resume
         self.resume_files = resume_files
+        # sharded mode (training.sharding: fsdp2): the snapshot loader of training/sharded.py
+        self.sharded_resume: Callable[..., None] | None = None
         self.loss_chunk_size = loss_chunk_size
         self.task_weights = dict(task_weights or {})
         self.teacher = teacher
@@ -114,7 +116,8 @@ class ScalingTrainer(Trainer):
         decoder, head = decoder_and_head(self.model)
         kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask"),
                   "position_ids": inputs.get("position_ids"), "use_cache": False}
-        if model is self.model:
+        # (a model sharded with FSDP2 is never wrapped, but its root must run to gather its shards)
+        if model is self.model and not self.is_distributed_loading_by_transformers:
             return decoder(**kwargs).last_hidden_state, head
         # Wrapped for several processes (DDP / FSDP): the forward must go through the wrapper
         # (DDP prepares its gradient all-reduce there, FSDP gathers its shards), so run the whole
@@ -136,6 +139,10 @@ class ScalingTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         from ..cache.state import apply_training_state
 
+        if self.sharded_resume is not None:
+            self.sharded_resume(model or self.model, parts=("model",))
+            return
+
         apply_training_state(self._resume_required(), model=model or self.model, restore_rng=False)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
@@ -143,6 +150,10 @@ class ScalingTrainer(Trainer):
             return
         from ..cache.state import load_component
 
+        if self.sharded_resume is not None:
+            self.sharded_resume(self.model, optimizer=self.optimizer, scheduler=self.lr_scheduler,
+                                parts=("optimizer", "scheduler"))
+            return
         files = self._resume_required()
         self.optimizer.load_state_dict(load_component(files, "optimizer"))
         self.lr_scheduler.load_state_dict(load_component(files, "scheduler"))
@@ -154,6 +165,9 @@ class ScalingTrainer(Trainer):
             return
         from ..cache.state import load_component, set_rng_state
 
+        if self.sharded_resume is not None:
+            self.sharded_resume(self.model, parts=(), restore_rng=True)
+            return
         set_rng_state(load_component(self._resume_required(), "rng"))
 
     def _load_scaler(self, checkpoint: str | None) -> None:
@@ -209,6 +223,7 @@ class ResumeFrom:
 
     files: Mapping[str, Any]
     trainer_state_json: str
+    sharded: Callable[..., None] | None = None  # sharded mode: loads the snapshot into the sharded objects
 
 
 class SnapshotCallback(TrainerCallback):
@@ -221,9 +236,11 @@ class SnapshotCallback(TrainerCallback):
     next step starts from.
     """
 
-    def __init__(self, every: int, save: Callable[[TrainerState, Any, Any, Any], None]):
+    def __init__(self, every: int, save: Callable[[TrainerState, Any, Any, Any], None], *, collective: bool = False):
         self.every = every
         self.save = save
+        # sharded mode: every process takes part in the commit (each writes its own shard)
+        self.collective = collective
         self.model = self.optimizer = self.lr_scheduler = None
 
     def _due(self, state: TrainerState) -> bool:
@@ -234,13 +251,35 @@ class SnapshotCallback(TrainerCallback):
             control.should_log = True
 
     def on_log(self, args, state, control, logs=None, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        if not self._due(state) or control.should_training_stop or not state.is_world_process_zero:
+        if not self._due(state) or control.should_training_stop:
             return
-        if any(not bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad):
+        if not (self.collective or state.is_world_process_zero):
+            return
+        finite = all(bool(torch.isfinite(_local(p)).all()) for p in model.parameters() if p.requires_grad)
+        if self.collective:
+            finite = _on_every_process(finite)
+        if not finite:
             return
         if logs and "loss" in logs and not math.isfinite(float(logs["loss"])):
             return
         self.save(state, model, optimizer, lr_scheduler)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded (DTensor) parameter, or the parameter itself."""
+    to_local = getattr(p, "to_local", None)
+    return to_local() if callable(to_local) else p
+
+
+def _on_every_process(flag: bool) -> bool:
+    """True when ``flag`` holds on every process (one all_reduce MIN)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 class StageTelemetryCallback(TrainerCallback):
@@ -347,13 +386,17 @@ def train_stage(
                              resume_files=resume.files if resume else None,
                              task_weights=task_weight_ids(recipe.training.task_weights),
                              optimizers=optimizers or (None, None))
+    if resume is not None and resume.sharded is not None:
+        trainer.sharded_resume = resume.sharded
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-        # Snapshots read each trainable tensor whole on the main process; with sharded
-        # parameters that needs a gather on every process, which is not built yet. Refuse
-        # rather than hang in a half-entered collective.
+        # accelerate's own sharding: snapshots would read each trainable tensor whole on the main
+        # process and hang in a half-entered collective. Sharding goes through training.sharding:
+        # fsdp2 (training/sharded.py: the model arrives already sharded, with sharded snapshots).
         raise PlanError(
-            "FSDP / DeepSpeed sharded launches are not supported yet (snapshots and resume need whole tensors).",
-            hint="Launch data-parallel instead: accelerate launch --config_file configs/accelerate/ddp.yaml ...",
+            "accelerate's FSDP / DeepSpeed sharded launches are not supported (snapshots and resume need whole "
+            "tensors or training.sharding: fsdp2).",
+            hint="Set training.sharding: fsdp2 (torch FSDP2, sharded snapshots) or launch data-parallel: "
+            "accelerate launch --config_file configs/accelerate/ddp.yaml ...",
         )
     # Progress and metrics go through our callbacks (rich bar, metrics.jsonl), not stdout dicts.
     trainer.remove_callback(PrinterCallback)
