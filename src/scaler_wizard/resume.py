@@ -104,11 +104,12 @@ def find_resume_point(target: str | Path, output_dir: str | Path = "runs") -> Re
     """Check that the run can be resumed and pick its newest valid snapshot."""
     from .cache.checkpoints import CheckpointCache, default_cache_root, pid_alive
     from .cache.state import read_data_position
+    from .run_record import FINISHED_STATES
     run_dir = resolve_run_dir(target, output_dir)
     status = _read_json(run_dir / "status.json", "status.json")
     envelope = _read_json(run_dir / "envelope.json", "envelope.json")
     state = status.get("state")
-    if state == "completed" or (run_dir / "summary.json").exists():
+    if state in FINISHED_STATES or (run_dir / "summary.json").exists():
         raise PlanError(f"Run {run_dir.name} completed; there is nothing to resume.",
                         hint="Start a new run to train further.")
     if state in ("awaiting_approval", "rejected"):

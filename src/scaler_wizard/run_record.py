@@ -10,8 +10,6 @@ passed, and the CLI exits with :data:`EXIT_GATES_FAILED`.
 from __future__ import annotations
 
 import os
-import platform
-import re
 import resource
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,7 +25,6 @@ VERDICT_GATES_FAILED = "gates_failed"
 STATE_BY_VERDICT = {VERDICT_PASSED: "completed", VERDICT_GATES_FAILED: "completed_gates_failed"}
 FINISHED_STATES = frozenset(STATE_BY_VERDICT.values())
 
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass
@@ -122,10 +119,13 @@ class PhaseMarker(Reporter):
 
 
 def check_run_id(run_id: str) -> str:
-    """A run id becomes a folder name under output_dir: a name, never a path."""
-    if not isinstance(run_id, str) or not _RUN_ID.match(run_id) or ".." in run_id:
+    """A run id becomes a folder name under output_dir: a name, never a path (the contract's
+    rule for ``session_id``, so ``validate``, a contract and the run agree)."""
+    from .safety.contract import valid_run_id
+
+    if not valid_run_id(run_id):
         raise PlanError(f"Run id {run_id!r} is not a plain name.",
-                        hint="Use 1-128 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit.")
+                        hint="Use 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit.")
     return run_id
 
 
@@ -153,22 +153,10 @@ def new_run_dir(output_dir: Path, run_id: str | None, name: str) -> Path:
 
 
 def hardware_inventory() -> dict[str, Any]:
-    import psutil
-    import torch
+    """The envelope's hardware block (``scaling/hardware.py`` is the one detector)."""
+    from .scaling.hardware import hardware_record
 
-    inv: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "ram_total_gb": round(psutil.virtual_memory().total / 2**30, 2),
-        "cuda_devices": [],
-    }
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            inv["cuda_devices"].append({"name": p.name, "total_gb": round(p.total_memory / 2**30, 2)})
-    return inv
+    return hardware_record()
 
 
 def peak_rss_gb() -> float:

@@ -39,7 +39,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -1219,11 +1218,15 @@ def planned_base_length(recipe: Recipe, model_dir: Path) -> int:
         return recipe.context.base_length
     from ..context.methods import base_context_length
 
+    from transformers import AutoConfig
+
+    # the config as the run reads it (AutoConfig normalises old keys such as rope_scaling), so the
+    # scope plans the same base length as the run
     try:
-        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types
         raise ContractError(f"Cannot read {Path(model_dir) / 'config.json'} to plan the scope: {exc}.") from None
-    return base_context_length(SimpleNamespace(**config))
+    return base_context_length(config)
 
 
 def plan_scope(recipe: Recipe, recipe_dir: Path, max_wall_time_s: int) -> Scope:
