@@ -124,6 +124,22 @@ def _is_tensor(v: Any) -> bool:
     return isinstance(v, torch.Tensor)
 
 
+def _split_optimizer_state(osd: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``get_optimizer_state_dict`` (per-parameter state keyed by name, param groups) as (the
+    tensors, for DCP; everything else, for JSON)."""
+    tensors: dict[str, dict[str, Any]] = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for fqn, entry in osd["state"].items():
+        tensors[fqn] = {k: v for k, v in entry.items() if _is_tensor(v)}
+        plain[fqn] = {k: v for k, v in entry.items() if not _is_tensor(v)}
+    return {"state": tensors}, {"state": plain, "param_groups": osd["param_groups"]}
+
+
+def _join_optimizer_state(tensors: Mapping[str, Any], plain: Mapping[str, Any]) -> dict[str, Any]:
+    state = {fqn: {**plain["state"].get(fqn, {}), **entry} for fqn, entry in tensors["state"].items()}
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
 class ShardedCheckpoints:
     """Sharded snapshots of one run in the checkpoint cache (every method is collective)."""
 
@@ -138,7 +154,6 @@ class ShardedCheckpoints:
         """Write and commit a sharded snapshot; every process returns its SnapshotInfo."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
             get_model_state_dict,
             get_optimizer_state_dict,
         )
@@ -154,10 +169,9 @@ class ShardedCheckpoints:
         state: dict[str, Any] = {"model": model_sd}
         optim_json = None
         if optimizer is not None and optimizer.state:
-            osd = get_optimizer_state_dict(model, optimizer,
-                                           options=StateDictOptions(flatten_optimizer_state_dict=True))
-            state["optim"] = {k: v for k, v in osd.items() if _is_tensor(v)}
-            optim_json = {k: v for k, v in osd.items() if not _is_tensor(v)}
+            # keyed by parameter name; tensors (moments, steps) through DCP, the rest as JSON
+            osd = get_optimizer_state_dict(model, optimizer)
+            state["optim"], optim_json = _split_optimizer_state(osd)
         # <main pid> in the name: the cache's gc keeps a staging folder whose writer is alive
         tag = dist.broadcast_text(f"{os.getpid()}.{uuid.uuid4().hex[:12]}" if dist.is_main else None)
         if dist.is_main:
@@ -267,17 +281,14 @@ class ShardedCheckpoints:
             want_optim = "optimizer" in parts and optimizer is not None
             optim_json = None
             if want_optim and "optimizer" in index["components"]:
-                template = get_optimizer_state_dict(model, optimizer,
-                                                    options=StateDictOptions(flatten_optimizer_state_dict=True))
-                state["optim"] = {k: v for k, v in template.items() if _is_tensor(v)}
+                state["optim"], _ = _split_optimizer_state(get_optimizer_state_dict(model, optimizer))
                 optim_json = join_tensors(json.loads(Path(files["optimizer/state.json"]).read_text("utf-8")), {})
             if state:
                 dcp.load(state, checkpoint_id=str(target / SHARD_DIR))
             if "model" in state:
                 set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
             if optim_json is not None:
-                set_optimizer_state_dict(model, optimizer, {**optim_json, **state["optim"]},
-                                         options=StateDictOptions(flatten_optimizer_state_dict=True))
+                set_optimizer_state_dict(model, optimizer, _join_optimizer_state(state["optim"], optim_json))
             elif want_optim and "optimizer_empty" in index["components"]:
                 optimizer.state.clear()  # the snapshot was taken before the first step: a fresh optimizer
             if "scheduler" in parts and scheduler is not None and "scheduler" in index["components"]:
