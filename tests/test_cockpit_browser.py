@@ -113,7 +113,11 @@ def runs(tmp_path) -> Path:
     (live / "metrics.jsonl").write_text("")
     done = runs / "done-run"
     done.mkdir()
-    (done / "status.json").write_text(json.dumps({"state": "completed", "stage": 2, "stages": 2, "length": 1024}))
+    (done / "status.json").write_text(json.dumps({"state": "completed_gates_failed", "stage": 2, "stages": 2,
+                                                  "length": 1024, "verdict": "gates_failed"}))
+    (done / "summary.json").write_text(json.dumps({
+        "verdict": "gates_failed", "verdict_reasons": ["stage 2 (1024 tokens): passkey@1024 below 0.8"],
+        "thresholds": {"passkey_min_accuracy": 0.8, "perplexity_max": 60.0}, "headline": {}}))
     (done / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
         {"step": 20, "metric": "train/loss", "value": 3.1, "stage": 1},
         {"step": 20, "metric": "gate/passed", "value": 1.0, "stage": 1, "decision": "pass"},
@@ -172,14 +176,17 @@ def test_cockpit_in_headless_chromium(runs, tmp_path):
                 assert time.monotonic() < deadline, "abort never reached control.jsonl"
                 time.sleep(0.05)
             page.wait_for_selector("#status-chip[data-action='stop']", timeout=15_000)
-            assert page.locator("#status-chip").inner_text().strip().lower() == "stop"
             wait_for(lambda: page.locator("#run-state").inner_text() == "failed", "run state failed")
+            # a finished run's chip is its verdict, not the last telegram
+            wait_for(lambda: page.locator("#status-chip").inner_text().strip() == "FAILED", "the FAILED verdict chip")
             assert page.locator("#btn-abort").is_disabled()
             assert job.aborted_at is not None
             page.screenshot(path=str(artifacts / "2-after-abort.png"), full_page=True)
 
             page.click("#runs-list li[data-run-id='done-run']")
-            page.wait_for_selector("#status-chip[data-action='warn']", timeout=15_000)
+            page.wait_for_selector("#status-chip[data-verdict='completed_gates_failed']", timeout=15_000)
+            assert page.locator("#status-chip").inner_text().strip() == "GATES FAILED"
+            assert "passkey@1024 below 0.8" in (page.locator("#status-chip").get_attribute("title") or "")
             page.wait_for_selector("#btn-rollback:not([disabled])", timeout=10_000)
             page.click("#btn-rollback")
             page.wait_for_selector("#confirm-dialog[open]")

@@ -6,9 +6,10 @@
 const PALETTE = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#be185d", "#4b5563"];
 const CHARTS = {
   loss: { el: "chart-loss", x: "step", y: "loss" },
-  ppl: { el: "chart-ppl", x: "length", y: "perplexity", logX: true },
+  ppl: { el: "chart-ppl", x: "length", y: "perplexity", logX: true, threshold: "perplexity_max" },
   bpb: { el: "chart-bpb", x: "length", y: "bits/byte", logX: true },
-  passkey: { el: "chart-passkey", x: "length", y: "accuracy", logX: true, yMin: 0, yMax: 1 },
+  passkey: { el: "chart-passkey", x: "length", y: "accuracy", logX: true, yMin: 0, yMax: 1,
+             threshold: "passkey_min_accuracy" },
   throughput: { el: "chart-throughput", x: "step", y: "tokens/s" },
   memory: { el: "chart-memory", x: "step", y: "GB" },
 };
@@ -16,6 +17,7 @@ const CHARTS = {
 const S = {
   csrf: null, runId: null, es: null, detail: null, status: null, telegram: null,
   series: {}, dirty: new Set(), gates: [], feedKeys: new Set(), voiceOn: false, rollbackSnapshots: [],
+  thresholds: {}, lastTelegram: null,
 };
 
 const $ = (id) => document.getElementById(id);
@@ -89,7 +91,9 @@ function renderChart(name) {
   const tx = (x) => (logX ? Math.log2(x) : x);
   let x0 = tx(Math.min(...xs)), x1 = tx(Math.max(...xs));
   if (x0 === x1) { x0 -= 1; x1 += 1; }
-  let y0 = cfg.yMin ?? Math.min(...ys), y1 = cfg.yMax ?? Math.max(...ys);
+  const gateY = cfg.threshold ? Number(S.thresholds[cfg.threshold]) : NaN;
+  const ysAll = Number.isFinite(gateY) ? [...ys, gateY] : ys;
+  let y0 = cfg.yMin ?? Math.min(...ysAll), y1 = cfg.yMax ?? Math.max(...ysAll);
   if (y0 === y1) { y0 -= Math.abs(y0) * 0.1 || 1; y1 += Math.abs(y1) * 0.1 || 1; }
   const px = (x) => L + ((tx(x) - x0) / (x1 - x0)) * (W - L - R);
   const py = (y) => H - B - ((y - y0) / (y1 - y0)) * (H - T - B);
@@ -107,6 +111,11 @@ function renderChart(name) {
   svg.appendChild(svgEl("line", { x1: L, x2: L, y1: T, y2: H - B, class: "axis" }));
   svg.appendChild(svgEl("text", { x: W - R, y: H - 4, "text-anchor": "end" }, cfg.x));
   svg.appendChild(svgEl("text", { x: 4, y: T - 8 }, cfg.y));
+  if (Number.isFinite(gateY)) { // the stage gate, drawn where it is
+    svg.appendChild(svgEl("line", { x1: L, x2: W - R, y1: py(gateY), y2: py(gateY), class: "gate-line" }));
+    svg.appendChild(svgEl("text", { x: W - R, y: py(gateY) - 3, "text-anchor": "end", class: "gate-label" },
+      `gate ${fmt(gateY)}`));
+  }
   entries.forEach(([label, pts], i) => {
     const color = PALETTE[i % PALETTE.length];
     svg.appendChild(svgEl("polyline", {
@@ -124,12 +133,15 @@ function onMetric(ev) {
   const at = name.indexOf("@");
   const length = at > 0 ? Number(name.slice(at + 1)) : NaN;
   const base = at > 0 ? name.slice(0, at) : name;
-  const stageLabel = ev.stage === undefined || ev.stage === null || ev.stage === 0 ? "base" : `stage ${ev.stage}`;
+  // base/... = the unscaled model, final/... = the scaled model the run ended with, else a stage's probe
+  const prefix = base.startsWith("base/") ? "base (unscaled)" : base.startsWith("final/") ? "scaled (final)" : null;
+  const stageLabel = prefix || (ev.stage === undefined || ev.stage === null || ev.stage === 0 ? "base" : `stage ${ev.stage}`);
+  const probe = prefix ? base.slice(base.indexOf("/") + 1) : base;
   if (name === "train/loss") addPoint("loss", "train", step, v);
   else if (name === "eval/loss") addPoint("loss", "eval", step, v);
-  else if (base === "eval/perplexity") addPoint("ppl", stageLabel, length, v);
-  else if (base === "eval/bits_per_byte") addPoint("bpb", stageLabel, length, v);
-  else if (base === "probe/passkey") addPoint("passkey", stageLabel, length, v);
+  else if (probe === "eval/perplexity") addPoint("ppl", stageLabel, length, v);
+  else if (probe === "eval/bits_per_byte") addPoint("bpb", stageLabel, length, v);
+  else if (probe === "probe/passkey") addPoint("passkey", stageLabel, length, v);
   else if (name === "train/tokens_per_s") addPoint("throughput", "tokens/s", step, v);
   else if (name.startsWith("system/") && name.endsWith("_gb")) addPoint("memory", name.slice(7), step, v);
   else if (name === "gate/passed") { S.gates.push(ev); renderTimeline(); }
@@ -161,9 +173,25 @@ function renderHeader() {
   $("btn-rollback").disabled = !(S.detail && S.detail.snapshots && S.detail.snapshots.length);
 }
 
+const VERDICTS = { // a finished run shows its verdict, not the last telegram
+  completed: ["PASSED", "continue"], completed_gates_failed: ["GATES FAILED", "stop"], failed: ["FAILED", "stop"],
+  rejected: ["REJECTED", "stop"],
+};
+
 function renderChip() {
   const chip = $("status-chip");
+  const verdict = VERDICTS[(S.status || {}).state];
+  if (verdict) {
+    chip.dataset.action = verdict[1];
+    chip.dataset.verdict = (S.status || {}).state;
+    chip.textContent = verdict[0];
+    chip.className = "chip chip-" + verdict[1];
+    chip.title = ((S.detail && S.detail.summary && S.detail.summary.verdict_reasons) || []).join("; ")
+      || `run ${(S.status || {}).state}`;
+    return;
+  }
   const action = S.telegram ? String(S.telegram.action || "none") : "none";
+  delete chip.dataset.verdict;
   chip.dataset.action = action;
   chip.textContent = S.telegram ? action : "no telegram";
   chip.className = "chip chip-" + (["continue", "warn", "stop"].includes(action) ? action : "none");
@@ -187,7 +215,7 @@ function renderTimeline() {
       head.textContent = `stage ${k}: training${st.length ? ` at ${st.length} tokens` : ""}`;
     } else if (Number(st.stage) === k && st.state && st.state !== "running") {
       head.className = st.state === "completed" ? "pass" : "fail";
-      head.textContent = `stage ${k}: ${st.state === "completed" ? "done" : "stopped"} (run ${st.state})`;
+      head.textContent = `stage ${k}: ${st.state === "completed" ? "done" : "stopped"} (run ${st.state.replace(/_/g, " ")})`;
     } else {
       head.className = "muted";
       head.textContent = `stage ${k}: pending`;
@@ -225,7 +253,17 @@ function onTelegram(t) {
   const key = "t:" + JSON.stringify([t.timestamp, t.step, t.action]);
   S.telegram = t;
   renderChip();
+  if (key && S.feedKeys.has(key)) return;
+  const quiet = String(t.action) === "continue" && !(t.reasons || []).length;
+  const last = S.lastTelegram;
+  if (quiet && last && last.quiet && last.li.isConnected) { // repeated "ok": one line with a count
+    S.feedKeys.add(key);
+    last.count += 1;
+    last.li.lastChild.textContent = ` ok x${last.count} (steps ${last.first}-${t.step ?? "-"})`;
+    return;
+  }
   feed(String(t.action || "?"), ` step ${t.step ?? "-"} stage ${t.stage ?? "-"}: ${(t.reasons || []).join("; ") || "ok"}`, key);
+  S.lastTelegram = { quiet, li: $("feed").firstChild, count: 1, first: t.step ?? "-" };
 }
 
 function onAlert(a) {
@@ -288,7 +326,11 @@ async function refreshDetail() {
   try {
     S.detail = await api(`/api/runs/${encodeURIComponent(S.runId)}`);
     if (S.detail.status) S.status = S.detail.status;
-    renderHeader();
+    const th = (S.detail.summary && S.detail.summary.thresholds) || {};
+    if (JSON.stringify(th) !== JSON.stringify(S.thresholds)) {
+      S.thresholds = th; S.dirty.add("ppl"); S.dirty.add("passkey"); scheduleRender();
+    }
+    renderHeader(); renderChip();
     renderTimeline();
   } catch (e) { setText("action-result", e.message); }
 }
@@ -296,7 +338,7 @@ async function refreshDetail() {
 function selectRun(runId) {
   if (S.es) { S.es.close(); S.es = null; }
   S.runId = runId;
-  S.detail = null; S.status = null; S.telegram = null;
+  S.detail = null; S.status = null; S.telegram = null; S.thresholds = {}; S.lastTelegram = null;
   setText("action-result", "");
   for (const li of $("runs-list").children) li.classList.toggle("active", li.dataset.runId === runId);
   resetFeed();
@@ -312,7 +354,7 @@ function selectRun(runId) {
   es.addEventListener("status", (m) => {
     const prev = S.status && S.status.state;
     S.status = JSON.parse(m.data);
-    renderHeader(); renderTimeline();
+    renderHeader(); renderChip(); renderTimeline();
     if (prev !== S.status.state) { refreshDetail(); loadRuns(); }
   });
 }
