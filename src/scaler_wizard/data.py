@@ -243,16 +243,21 @@ def build_stage_rows(
             rows.attention_mask.append([1] * len(ids) + [0] * pad)
         rows.task.append(kind)
     if pose_target is not None:
-        from .context.pose import skip_positions
-
-        pose_rng = random.Random(seed + 1)
-        rows.position_ids = []
-        for mask in rows.attention_mask:
-            real = sum(mask)
-            positions = skip_positions(real, pose_target, pose_chunks, pose_rng)
-            tail = positions[-1] + 1 if positions else 0
-            rows.position_ids.append(positions + list(range(tail, tail + length - real)))
+        rows.position_ids = _pose_positions(rows.attention_mask, pose_target, pose_chunks, random.Random(seed + 1))
     return rows
+
+
+def _pose_positions(masks: list[list[int]], target: int, chunks: int, rng: random.Random) -> list[list[int]]:
+    """PoSE position ids per row: skipping ones for the real tokens, the padding continuing."""
+    from .context.pose import skip_positions
+
+    out = []
+    for mask in masks:
+        real = sum(mask)
+        positions = skip_positions(real, target, chunks, rng)
+        tail = positions[-1] + 1 if positions else 0
+        out.append(positions + list(range(tail, tail + len(mask) - real)))
+    return out
 
 
 def _passkey_examples(builder: Any, rng: random.Random, min_len: int, length: int):

@@ -134,21 +134,6 @@ def frozen_output_head(model: Any) -> Any:
     return head
 
 
-def attach_strategy(recipe: Any, model: Any) -> Any:
-    """Add capacity through the strategy registry (``scaling/strategies.py``): PEFT LoRA
-    adapters (``lora``), new decoder blocks (``block_expansion``), or a plugin strategy from the
-    ``scaler_wizard.strategies`` entry points. Built-ins take their typed recipe section."""
-    from .scaling.strategies import get_strategy
-
-    return get_strategy(recipe.scaling.strategy).prepare(model, strategy_options(recipe))
-
-
-def strategy_options(recipe: Any) -> dict[str, Any]:
-    name = recipe.scaling.strategy
-    typed = {"lora": recipe.scaling.lora, "block_expansion": recipe.scaling.block_expansion}
-    return typed[name].model_dump() if name in typed else dict(recipe.scaling.options)
-
-
 def export_merged(model: Any, tokenizer: Any, out: Path, stream: list[int], length: int,
                   save_dtype: str) -> dict[str, Any]:
     """Merge the adapter (if any), save a plain model, reload it with plain transformers and

@@ -27,11 +27,12 @@ from .errors import PlanError, ScalerWizardError
 from .evaluation.figures import log_probe_results, probe_at
 from .evaluation.probes import PerplexityProbe, ProbeContext, ProbeResult, run_probe
 from .fsutil import utc_now, write_json_atomic
-from .models import attach_strategy, export_merged, load_causal_lm, save_adapter
+from .models import export_merged, load_causal_lm, save_adapter
 from .preflight import RunInputs, check_inputs, load_custom_probes
 from .recipe import Recipe, load_recipe, resolve_path
 from .run_record import PhaseMarker, Reporter, RunRecorder, RunStatus, build_summary, new_run_dir
 from .safety.guards import RunGuards
+from .scaling.strategies import attach_strategy
 from .training.stage_loop import LoopEnv, LoopResult, StageLoop
 
 

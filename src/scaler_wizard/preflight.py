@@ -140,8 +140,7 @@ def _plan_stages(recipe: Recipe, base_length: int) -> list[Any]:
 def _check_strategy(recipe: Recipe) -> None:
     """The strategy exists and accepts its options (built-ins: their typed section; plugins:
     ``scaling.options`` through the plugin's own ``options`` validator when it has one)."""
-    from .models import strategy_options
-    from .scaling.strategies import get_strategy
+    from .scaling.strategies import get_strategy, strategy_options
 
     strategy = get_strategy(recipe.scaling.strategy)
     validate = getattr(strategy, "options", None)

@@ -309,3 +309,21 @@ class BlockExpansionStrategy:
 
 register_strategy(LoraStrategy())
 register_strategy(BlockExpansionStrategy())
+
+
+# ------------------------------------------------------------------------------------------
+# from a recipe
+# ------------------------------------------------------------------------------------------
+
+
+def attach_strategy(recipe: Any, model: Any) -> Any:
+    """Add capacity through the strategy registry (``scaling/strategies.py``): PEFT LoRA
+    adapters (``lora``), new decoder blocks (``block_expansion``), or a plugin strategy from the
+    ``scaler_wizard.strategies`` entry points. Built-ins take their typed recipe section."""
+    return get_strategy(recipe.scaling.strategy).prepare(model, strategy_options(recipe))
+
+
+def strategy_options(recipe: Any) -> dict[str, Any]:
+    name = recipe.scaling.strategy
+    typed = {"lora": recipe.scaling.lora, "block_expansion": recipe.scaling.block_expansion}
+    return typed[name].model_dump() if name in typed else dict(recipe.scaling.options)
