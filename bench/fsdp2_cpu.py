@@ -145,17 +145,18 @@ def _kill_trial(work: Path, model: Path, runs: Path, trial: int, in_commit: bool
     run_id = f"kill{trial}"
     recipe = _recipe(work / f"{run_id}.yaml", model, runs, run_id, micro, "fsdp2", steps, length)
     cache = CheckpointCache(runs / ".checkpoints")
-    env = _env(SCALER_WIZARD_FAULT_COMMIT_SLEEP="0.05") if in_commit else _env()
+    env = _env(SCALER_WIZARD_FAULT_COMMIT_SLEEP="0.1") if in_commit else _env()
     log = open(work / f"{run_id}.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(_cmd([str(recipe)], 2), cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
     target = rng.randint(1, steps - 1)
-    landed_in_commit = False
+    landed_in_commit = armed = False
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if in_commit:
-            staging = list((runs / ".checkpoints" / "tmp").glob(f"dcp.{run_id}.*"))
-            if staging and len(cache.list(run_id)) >= 1 + trial % 3:  # past the stage-start commit, varied
-                time.sleep(rng.uniform(0.0, 0.3))
+            # armed once 1-3 snapshots are committed; then the next commit in progress is hit
+            armed = armed or len(cache.list(run_id)) >= 1 + trial % 3
+            if armed and list((runs / ".checkpoints" / "tmp").glob(f"dcp.{run_id}.*")):
+                time.sleep(rng.uniform(0.0, 0.5))
                 landed_in_commit = bool(list((runs / ".checkpoints" / "tmp").glob(f"dcp.{run_id}.*")))
                 break
         elif (runs / run_id / "metrics.jsonl").exists() and target in _losses(runs / run_id):

@@ -153,25 +153,13 @@ class ShardedCheckpoints:
                position: Any = None, optimizer: Any = None, scheduler: Any = None, phase: str | None = None):
         """Write and commit a sharded snapshot; every process returns its SnapshotInfo."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
 
         from ..cache.checkpoints import PHASE_STAGE_END, PHASE_TRAIN
-        from ..cache.state import _component, _json_bytes, rng_state, split_tensors
+        from ..cache.state import _json_bytes
 
         dist = self.dist
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
-        reshard_all(model)
-        trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-        model_sd = {k: v for k, v in get_model_state_dict(model).items() if k in set(trainable)}
-        state: dict[str, Any] = {"model": model_sd}
-        optim_json = None
-        if optimizer is not None and optimizer.state:
-            # keyed by parameter name; tensors (moments, steps) through DCP, the rest as JSON
-            osd = get_optimizer_state_dict(model, optimizer)
-            state["optim"], optim_json = _split_optimizer_state(osd)
+        state, optim_json = self._capture(model, optimizer)
         # <main pid> in the name: the cache's gc keeps a staging folder whose writer is alive
         tag = dist.broadcast_text(f"{os.getpid()}.{uuid.uuid4().hex[:12]}" if dist.is_main else None)
         if dist.is_main:
@@ -179,54 +167,15 @@ class ShardedCheckpoints:
         dist.barrier()
         folder = self.cache.tmp_dir / f"dcp.{self.run_id}.{tag}"
         dcp.save(state, checkpoint_id=str(folder))
-        # this process's own files: its shard(s), its RNG state; the main one also .metadata
-        rank_files: dict[str, bytes | Path] = {}
-        for f in sorted(folder.glob(f"__{dist.rank}_*.distcp")):
-            rank_files[f"{SHARD_DIR}/{f.name}"] = f
-        if dist.is_main:
-            rank_files[f"{SHARD_DIR}/.metadata"] = folder / ".metadata"
-        for name, body in _component(f"rng/rank{dist.rank}", rng_state()).items():
-            path = folder / name.replace("/", "__")
-            path.write_bytes(body)
-            rank_files[name] = path
-        listing = "\n".join(f"{name} {sha256_file(Path(p))}" for name, p in sorted(rank_files.items()))
-        reported = dist.gather_text(listing)
+        reported = dist.gather_text(self._write_rank_files(folder))
         dist.barrier()  # every shard is on disk before the main process reads them
+        index = {"trainable": sorted(state["model"]), "world_size": dist.world_size,
+                 "trainable_numel": sum(int(p.numel()) for p in model.parameters() if p.requires_grad)}
 
         def main_commit():
-            files: dict[str, bytes | Path] = {}
-            shards: dict[str, dict[str, str]] = {}
-            for rank, text in enumerate(reported):
-                for line in filter(None, text.splitlines()):
-                    name, digest = line.rsplit(" ", 1)
-                    source = self._source(folder, name, rank)
-                    if sha256_file(source) != digest:  # what the rank wrote is what gets committed
-                        from ..cache.checkpoints import SnapshotCommitError
-
-                        raise SnapshotCommitError(f"Shard {name} of rank {rank} changed on disk before the commit "
-                                                  f"of run {self.run_id} at step {step}.")
-                    files[name] = source
-                    shards.setdefault(str(rank), {})[name] = digest
-            components = ["model"]
-            if optim_json is not None:
-                tree, tensors = split_tensors(optim_json, "optimizer")
-                assert not tensors
-                files["optimizer/state.json"] = _json_bytes(tree)
-                components.append("optimizer")
-            elif optimizer is not None:
-                components.append("optimizer_empty")
-            if scheduler is not None:
-                files.update(_component("scheduler", scheduler.state_dict()))
-                components.append("scheduler")
-            components.append("rng")
-            if position is not None:
-                files["data/position.json"] = _json_bytes(split_tensors(position.to_json(), "data")[0])
-                components.append("data")
-            files["state.json"] = _json_bytes({
-                "schema_version": 1, "format": FORMAT, "components": components, "torch": torch.__version__,
-                "world_size": dist.world_size, "trainable": trainable,
-                "trainable_numel": sum(int(p.numel()) for n, p in model.named_parameters() if p.requires_grad),
-                "shards": shards})
+            files = self._json_files(index, optim_json, optimizer, scheduler, position)
+            files.update(self._checked_rank_files(folder, reported, index, step))
+            files["state.json"] = _json_bytes(index)  # the index, with every rank's hashes
             return self.cache.commit(self.run_id, files, step=step, stage=stage,
                                      phase=phase or (PHASE_TRAIN if optimizer is not None else PHASE_STAGE_END),
                                      metrics=metrics or {}, pinned=pinned,
@@ -240,6 +189,80 @@ class ShardedCheckpoints:
                 shutil.rmtree(folder, ignore_errors=True)
         snapshot_id = dist.broadcast_text(info.snapshot_id if info is not None else "")
         return info if info is not None else self.cache.get(self.run_id, snapshot_id)
+
+    @staticmethod
+    def _capture(model: Any, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(the tensors DCP writes: trainable parameters, optimizer tensors; the optimizer's
+        non-tensor state for JSON, or None before its first step)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        reshard_all(model)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        state: dict[str, Any] = {"model": {k: v for k, v in get_model_state_dict(model).items() if k in trainable}}
+        optim_json = None
+        if optimizer is not None and optimizer.state:
+            # keyed by parameter name; tensors (moments, steps) through DCP, the rest as JSON
+            state["optim"], optim_json = _split_optimizer_state(get_optimizer_state_dict(model, optimizer))
+        return state, optim_json
+
+    def _write_rank_files(self, folder: Path) -> str:
+        """This process's RNG state beside its shard; "name sha256" per file this process wrote
+        (its shard(s), its RNG state; the main one also ``.metadata``)."""
+        from ..cache.state import _component, rng_state
+
+        rank = self.dist.rank
+        files: dict[str, Path] = {f"{SHARD_DIR}/{f.name}": f for f in sorted(folder.glob(f"__{rank}_*.distcp"))}
+        if self.dist.is_main:
+            files[f"{SHARD_DIR}/.metadata"] = folder / ".metadata"
+        for name, body in _component(f"rng/rank{rank}", rng_state()).items():
+            path = self._source(folder, name, rank)
+            path.write_bytes(body)
+            files[name] = path
+        return "\n".join(f"{name} {sha256_file(path)}" for name, path in sorted(files.items()))
+
+    def _checked_rank_files(self, folder: Path, reported: list[str], index: dict[str, Any],
+                            step: int) -> dict[str, Path]:
+        """Every file each rank reported, checked against the sha256 that rank computed (what
+        the rank wrote is what gets committed); the per-rank hashes go into the index."""
+        from ..cache.checkpoints import SnapshotCommitError
+
+        files: dict[str, Path] = {}
+        shards: dict[str, dict[str, str]] = {}
+        for rank, text in enumerate(reported):
+            for line in filter(None, text.splitlines()):
+                name, digest = line.rsplit(" ", 1)
+                source = self._source(folder, name, rank)
+                if sha256_file(source) != digest:
+                    raise SnapshotCommitError(f"Shard {name} of rank {rank} changed on disk before the commit "
+                                              f"of run {self.run_id} at step {step}.")
+                files[name] = source
+                shards.setdefault(str(rank), {})[name] = digest
+        index["shards"] = shards
+        return files
+
+    @staticmethod
+    def _json_files(index: dict[str, Any], optim_json: Any, optimizer: Any, scheduler: Any,
+                    position: Any) -> dict[str, bytes]:
+        """The snapshot's JSON parts (optimizer param groups, scheduler, run position); the
+        index gets its components here, its per-rank hashes later, and is written last."""
+        from ..cache.state import _component, _json_bytes, split_tensors
+
+        files: dict[str, bytes] = {}
+        components = ["model"]
+        if optim_json is not None:
+            files["optimizer/state.json"] = _json_bytes(split_tensors(optim_json, "optimizer")[0])
+            components.append("optimizer")
+        elif optimizer is not None:
+            components.append("optimizer_empty")
+        if scheduler is not None:
+            files.update(_component("scheduler", scheduler.state_dict()))
+            components.append("scheduler")
+        components.append("rng")
+        if position is not None:
+            files["data/position.json"] = _json_bytes(split_tensors(position.to_json(), "data")[0])
+            components.append("data")
+        index.update(schema_version=1, format=FORMAT, components=components, torch=torch.__version__)
+        return files
 
     @staticmethod
     def _source(folder: Path, name: str, rank: int) -> Path:
