@@ -20,6 +20,19 @@ in every batch, each with its own mean loss so that none drowns the others:
     sequences), loss on the second copy, which teaches the copy circuit directly.
 
 Usage:  python scripts/build_demo_model.py --steps 3000
+
+Warm start (issue 13: a model that retrieves at every depth at its native length, with needle
+formats of more than one template). The tokenizer and the data split are kept as they are:
+
+    python scripts/build_demo_model.py --init-from src/scaler_wizard/assets/demo_model \
+        --out /work/staging/demo_model --templates mixed --steps 900 --lr 5e-4 --warmup 30
+
+``--templates mixed`` draws each passkey row's needle template from the probe's template and the
+training templates of ``scaler_wizard.evaluation.passkey`` (never the held-out one), depths are
+stratified (row i of a step falls in depth decile i mod 10, so every step covers all depths),
+and half the passkey rows are full-length (256) while the rest draw a length in [min, 256].
+Checkpoints are selected on the *worst* depth of the probe template (then the mean), and the
+final figures are per depth on fresh keys for the probe template and the held-out template.
 """
 
 from __future__ import annotations
@@ -38,7 +51,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from scaler_wizard.evaluation.passkey import KEY_RANGE, PasskeyBuilder, passkey_grid  # noqa: E402
+from scaler_wizard.evaluation.passkey import (  # noqa: E402
+    HELDOUT_TEMPLATE,
+    KEY_RANGE,
+    PROBE_TEMPLATE,
+    TRAIN_TEMPLATES,
+    PasskeyBuilder,
+    passkey_grid,
+)
 
 ASSETS = ROOT / "src" / "scaler_wizard" / "assets"
 CORPUS = ROOT / "data" / "corpus" / "kjv.txt.gz"
@@ -122,7 +142,8 @@ def build_model(seed: int):
 class Mixture:
     """Produces (input_ids, labels_lm, labels_passkey, labels_copy) batches of CONTEXT tokens."""
 
-    def __init__(self, tokenizer, train_texts: list[str], seed: int):
+    def __init__(self, tokenizer, train_texts: list[str], seed: int, templates: str = "probe",
+                 stratify_depth: bool = False, full_length_share: float = 0.0, probe_share: float | None = None):
         self.rng = random.Random(seed)
         self.eos = tokenizer.eos_token_id
         ids: list[int] = []
@@ -130,7 +151,14 @@ class Mixture:
             ids.extend(tokenizer.encode(" " + t, add_special_tokens=False))
             ids.append(self.eos)
         self.stream = torch.tensor(ids, dtype=torch.long)
-        self.passkey = PasskeyBuilder(tokenizer, self.eos)
+        chosen = {"probe": [PROBE_TEMPLATE], "mixed": [PROBE_TEMPLATE, *TRAIN_TEMPLATES], "train": list(TRAIN_TEMPLATES)}[templates]
+        assert HELDOUT_TEMPLATE not in chosen
+        self.builders = [PasskeyBuilder(tokenizer, self.eos, t) for t in chosen]
+        self.passkey = self.builders[0]
+        self.stratify_depth = stratify_depth
+        self.full_length_share = full_length_share
+        self.probe_share = probe_share
+        self._pk_rows = 0
 
     def lm_row(self):
         start = self.rng.randrange(0, len(self.stream) - CONTEXT - 1)
@@ -138,22 +166,39 @@ class Mixture:
         return row, row.clone()
 
     def passkey_row(self, max_len: int):
-        length = self.rng.randint(48, max_len)
-        ex = self.passkey.build(length, self.rng.random(), self.rng.randint(*KEY_RANGE))
+        if len(self.builders) == 1:
+            builder = self.passkey
+        elif self.probe_share is not None and self.builders[0].template is PROBE_TEMPLATE:
+            # the probe's template with probability probe_share, else one of the training templates
+            if self.rng.random() < self.probe_share:
+                builder = self.builders[0]
+            else:
+                builder = self.builders[1 + self.rng.randrange(len(self.builders) - 1)]
+        else:
+            builder = self.builders[self.rng.randrange(len(self.builders))]
+        lo = max(48, builder.min_length())
+        if self.full_length_share and self.rng.random() < self.full_length_share:
+            length = max_len
+        else:
+            length = self.rng.randint(lo, max(lo, max_len))
+        if self.stratify_depth:
+            depth = min(1.0, ((self._pk_rows % 10) + self.rng.random()) / 10)
+        else:
+            depth = self.rng.random()
+        self._pk_rows += 1
+        ex = builder.build(length, depth, self.rng.randint(*KEY_RANGE))
         ids = ex.input_ids
         labels = [-100] * len(ids)
         n_ans = len(ex.answer_ids)
         for i in range(len(ids) - n_ans, len(ids)):
             labels[i] = ids[i]
-        # Second mention of the key inside "The pass key is K. Remember it. K is the pass key."
-        s, e = ex.key_token_span
-        key_tokens = ex.answer_ids[1:] if len(ex.answer_ids) > 1 else ex.answer_ids
-        span = ids[s:e]
-        first = _find(span, key_tokens, 0)
-        second = _find(span, key_tokens, first + 1) if first >= 0 else -1
-        if second >= 0:
-            for j in range(second, second + len(key_tokens)):
-                labels[s + j] = ids[s + j]
+        # Second mention of the key inside the key sentence (a copy target), e.g. in
+        # "The pass key is K. Remember it. K is the pass key."
+        mentions = builder.key_mentions(ex)
+        if len(mentions) > 1:
+            n_digits = len(builder._enc(str(ex.key)))
+            for j in range(mentions[1], mentions[1] + n_digits):
+                labels[j] = ids[j]
         return self._pad(ids, labels)
 
     def copy_row(self):
@@ -214,6 +259,21 @@ def passkey_accuracy(model, tokenizer, length: int, trials: int, seed: int) -> f
 
 
 @torch.no_grad()
+def passkey_by_depth(model, tokenizer, length: int, template=PROBE_TEMPLATE, depths: int = 10,
+                     keys: int = 10, seed: int = 2024) -> list[float]:
+    """Exact-match retrieval per depth (``depths`` evenly spaced in [0, 1]) over ``keys`` keys."""
+    builder = PasskeyBuilder(tokenizer, tokenizer.eos_token_id, template)
+    ds = [i / (depths - 1) for i in range(depths)]
+    grid = passkey_grid(builder, [length], ds, keys, seed)
+    hits = {d: 0 for d in ds}
+    for _, d, ex in grid:
+        ids = torch.tensor([ex.input_ids])
+        pred = model(input_ids=ids).logits[0, len(ex.prompt_ids) - 1 : -1].argmax(-1).tolist()
+        hits[d] += pred == ex.answer_ids
+    return [hits[d] / keys for d in ds]
+
+
+@torch.no_grad()
 def heldout_perplexity(model, tokenizer, texts: list[str], windows: int = 64) -> float:
     ids: list[int] = []
     for t in texts:
@@ -240,6 +300,18 @@ def main() -> None:
     ap.add_argument("--max-minutes", type=float, default=None, help="stop early (recorded in the log)")
     ap.add_argument("--out", type=Path, default=ASSETS / "demo_model")
     ap.add_argument("--card-only", action="store_true", help="rewrite MODEL_CARD.md from build_log.json")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="warm start from this model folder (weights and tokenizer; the tokenizer is kept)")
+    ap.add_argument("--templates", choices=["probe", "mixed"], default=None,
+                    help="needle templates of the passkey rows (default: probe; mixed with --init-from)")
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--mix", default=None, help="rows per step as LM,PASSKEY,COPY (default from --batch)")
+    ap.add_argument("--full-length-share", type=float, default=None,
+                    help="share of passkey rows at the full 256 tokens (default 0; 0.5 with --init-from)")
+    ap.add_argument("--probe-share", type=float, default=None,
+                    help="with --templates mixed: share of passkey rows in the probe's template (default: uniform over templates)")
+    ap.add_argument("--curriculum", type=float, default=None,
+                    help="share of steps over which the passkey haystack grows from 64 to 256 (0.4; 0 with --init-from)")
     args = ap.parse_args()
     if args.card_only:
         write_model_card(args.out, json.loads((args.out / "build_log.json").read_text()))
@@ -250,18 +322,35 @@ def main() -> None:
     torch.manual_seed(args.seed)
     t0 = time.time()
 
+    warm = args.init_from is not None
+    templates = args.templates or ("mixed" if warm else "probe")
+    full_share = args.full_length_share if args.full_length_share is not None else (0.5 if warm else 0.0)
+    curriculum = args.curriculum if args.curriculum is not None else (0.0 if warm else 0.4)
     train, heldout = split_corpus()
-    write_jsonl(ASSETS / "demo_data" / "train.jsonl", train)
-    write_jsonl(ASSETS / "demo_data" / "heldout.jsonl", heldout)
-    tokenizer = train_tokenizer(train)
-    model = build_model(args.seed)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"params={n_params} train_chapters={len(train)} heldout_chapters={len(heldout)}", flush=True)
+    if warm:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    mix = Mixture(tokenizer, train, args.seed)
-    n_pk = args.batch * 5 // 12
-    n_copy = max(1, args.batch * 2 // 12)
-    n_lm = args.batch - n_pk - n_copy
+        # The tokenizer and the shipped data split stay exactly as they are.
+        tokenizer = AutoTokenizer.from_pretrained(args.init_from)
+        model = AutoModelForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+    else:
+        write_jsonl(ASSETS / "demo_data" / "train.jsonl", train)
+        write_jsonl(ASSETS / "demo_data" / "heldout.jsonl", heldout)
+        tokenizer = train_tokenizer(train)
+        model = build_model(args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"params={n_params} train_chapters={len(train)} heldout_chapters={len(heldout)} init_from={args.init_from} "
+          f"templates={templates} full_length_share={full_share} curriculum={curriculum}", flush=True)
+
+    mix = Mixture(tokenizer, train, args.seed, templates=templates, stratify_depth=warm, full_length_share=full_share,
+                  probe_share=args.probe_share)
+    if args.mix:
+        n_lm, n_pk, n_copy = (int(x) for x in args.mix.split(","))
+        args.batch = n_lm + n_pk + n_copy
+    else:
+        n_pk = args.batch * 5 // 12
+        n_copy = max(1, args.batch * 2 // 12)
+        n_lm = args.batch - n_pk - n_copy
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 else decay).append(p)
@@ -270,7 +359,7 @@ def main() -> None:
         lr=args.lr,
         betas=(0.9, 0.95),
     )
-    warmup = 100
+    warmup = args.warmup
 
     def lr_at(step: int) -> float:
         if step < warmup:
@@ -288,7 +377,7 @@ def main() -> None:
             stopped_early_at = step
             print(f"time limit reached at step {step}", flush=True)
             break
-        max_pk = int(64 + (CONTEXT - 64) * min(1.0, step / (0.4 * args.steps)))
+        max_pk = CONTEXT if curriculum <= 0 else int(64 + (CONTEXT - 64) * min(1.0, step / (curriculum * args.steps)))
         ids, labels, kinds = mix.batch(n_lm, n_pk, n_copy, max_pk)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -301,14 +390,23 @@ def main() -> None:
             print(f"step {step} loss {loss.item():.3f} {parts} max_pk={max_pk} t={time.time()-t0:.0f}s", flush=True)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             model.eval()
-            acc = passkey_accuracy(model, tokenizer, CONTEXT, 50, seed=99)
+            if warm:
+                # selection: worst depth of the probe template (10 depths x 10 keys), then the mean
+                per_depth = passkey_by_depth(model, tokenizer, CONTEXT, PROBE_TEMPLATE, 10, 10, seed=99)
+                acc = sum(per_depth) / len(per_depth)
+                score = min(per_depth) + acc / 100
+            else:
+                acc = passkey_accuracy(model, tokenizer, CONTEXT, 50, seed=99)
+                per_depth, score = None, acc
             ppl = heldout_perplexity(model, tokenizer, heldout, windows=32)
             model.train()
             entry = {"step": step + 1, "passkey@256": acc, "heldout_ppl@256": ppl, "elapsed_s": time.time() - t0, **parts}
+            if per_depth is not None:
+                entry["passkey@256_by_depth"] = per_depth
             log.append(entry)
             print("EVAL", json.dumps(entry), flush=True)
-            if acc >= best[0]:
-                best = (acc, step + 1)
+            if score >= best[0]:
+                best = (score, step + 1)
                 save(model, tokenizer, tmp_dir, log)
 
     # Final figures of the kept checkpoint on fresh seeds (not the ones used for selection).
@@ -322,12 +420,33 @@ def main() -> None:
         "params": n_params,
         "steps": args.steps,
         "stopped_early_at": stopped_early_at,
+        "max_minutes": args.max_minutes,
         "batch": args.batch,
         "lr": args.lr,
         "seed": args.seed,
         "wall_s": round(time.time() - t0, 1),
         "torch": torch.__version__,
+        "init_from": str(args.init_from) if warm else None,
+        "templates": templates,
+        "mix": [n_lm, n_pk, n_copy],
+        "warmup": warmup,
+        "full_length_share": full_share,
+        "curriculum": curriculum,
+        "probe_share": args.probe_share,
+        "threads": args.threads,
     }
+    if warm:
+        prev_log = args.init_from / "build_log.json"
+        if prev_log.exists():
+            pf = json.loads(prev_log.read_text()).get("final") or {}
+            final["previous_build"] = (
+                f"init_from={pf.get('init_from')} steps={pf.get('steps')} lr={pf.get('lr')} batch={pf.get('batch')} "
+                f"templates={pf.get('templates', 'probe')} kept_step={pf.get('kept_step')} seed={pf.get('seed')}"
+            )
+        for name, tpl in (("probe", PROBE_TEMPLATE), ("heldout", HELDOUT_TEMPLATE)):
+            by_depth = passkey_by_depth(kept, tokenizer, CONTEXT, tpl, 10, 20, seed=2024)
+            final[f"passkey@256_{name}_by_depth"] = by_depth
+            final[f"passkey@256_{name}"] = sum(by_depth) / len(by_depth)
     print("FINAL", json.dumps(final), flush=True)
     save(kept, tokenizer, tmp_dir, log, final)
     if args.out.exists():
@@ -371,7 +490,7 @@ anything else.
   task (Olsson et al. 2022, induction heads). The checkpoint kept is the evaluation with the best
   passkey accuracy (step {final['kept_step']}){'; the build stopped early at step ' + str(final['stopped_early_at']) + ' (time limit)' if final.get('stopped_early_at') else ''}.
 
-## Measured (fresh seeds, not the ones used to pick the checkpoint)
+{_warm_section(final)}## Measured (fresh seeds, not the ones used to pick the checkpoint)
 
 | figure | value |
 |---|---:|
@@ -386,6 +505,38 @@ anything else.
 {evals}
 """
     (out / "MODEL_CARD.md").write_text(card, encoding="utf-8")
+
+
+def _warm_section(final: dict) -> str:
+    if not final.get("init_from"):
+        return ""
+    depths = [f"{i / 9:.2f}" for i in range(10)]
+    rows = []
+    for name in ("probe", "heldout"):
+        by = final.get(f"passkey@256_{name}_by_depth")
+        if by:
+            rows.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in by) + f" | {sum(by) / len(by):.2f} |")
+    prev = final.get("previous_build")
+    chain = ""
+    if prev:
+        chain = (f"\nThis build warm-started from weights that were themselves built by: "
+                 f"`{prev}`.\n")
+    return f"""## Warm start (issue 13)
+
+Warm-started from `{final['init_from']}` with the tokenizer and the data split unchanged:
+`python scripts/build_demo_model.py --init-from {final['init_from']} --templates {final['templates']} --mix {','.join(map(str, final['mix']))} --steps {final['steps']} --lr {final['lr']} --warmup {final['warmup']} --threads {final['threads']}{' --probe-share ' + str(final['probe_share']) if final.get('probe_share') is not None else ''}{' --max-minutes ' + str(final['max_minutes']) if final.get('max_minutes') else ''}`.
+Passkey rows draw their needle template from the probe's template and the training templates
+(`TRAIN_TEMPLATES` in `scaler_wizard/evaluation/passkey.py`), never the held-out one; depths are
+stratified (every step covers all ten depth deciles) and {final['full_length_share']:.0%} of the passkey
+rows are full-length. The checkpoint kept is the one with the best worst-depth probe accuracy.
+{chain}
+Passkey at 256 tokens per depth (20 fresh keys per depth; the held-out template is never trained on):
+
+| template | {' | '.join(depths)} | mean |
+|---|{'---:|' * 11}
+{chr(10).join(rows)}
+
+"""
 
 
 def save(model, tokenizer, out: Path, log: list, final: dict | None = None) -> None:
