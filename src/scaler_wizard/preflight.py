@@ -60,7 +60,7 @@ def check_inputs(recipe: Recipe, recipe_dir: Path, *, source: str, read_data: bo
                  errors)
         stages = _collect(problems, "context.schedule", lambda: _plan_stages(recipe, base_length), errors)
     _collect(problems, "scaling.options" if recipe.scaling.strategy not in ("lora", "block_expansion")
-             else f"scaling.{recipe.scaling.strategy}", lambda: _check_strategy(recipe), errors)
+             else f"scaling.{recipe.scaling.strategy}", lambda: _check_strategy(recipe, model_config), errors)
     _collect(problems, "model.quantization", lambda: _check_quantization(recipe), errors)
     for name, message in _check_probe_files(recipe, recipe_dir):
         problems.append((name, message))
@@ -137,15 +137,26 @@ def _plan_stages(recipe: Recipe, base_length: int) -> list[Any]:
     )
 
 
-def _check_strategy(recipe: Recipe) -> None:
-    """The strategy exists and accepts its options (built-ins: their typed section; plugins:
-    ``scaling.options`` through the plugin's own ``options`` validator when it has one)."""
+def _check_strategy(recipe: Recipe, model_config: Any = None) -> None:
+    """The strategy exists, accepts its options (built-ins: their typed section; plugins:
+    ``scaling.options`` through the plugin's own ``options`` validator when it has one), and can
+    plan on this model (e.g. no more new blocks than the model has blocks)."""
     from .scaling.strategies import get_strategy, strategy_options
 
     strategy = get_strategy(recipe.scaling.strategy)
+    options = strategy_options(recipe)
     validate = getattr(strategy, "options", None)
     if callable(validate):
-        validate(strategy_options(recipe))
+        validate(options)
+    plan = getattr(strategy, "plan", None)
+    if callable(plan) and model_config is not None:
+        from .scaling.memory import ModelDims
+
+        try:
+            dims = ModelDims.from_config(model_config)
+        except Exception:  # noqa: BLE001 - a non-Llama-family config: the strategy checks at prepare time
+            return
+        plan(dims, options)
 
 
 def _check_quantization(recipe: Recipe) -> None:
