@@ -149,15 +149,17 @@ def _kill_trial(work: Path, model: Path, runs: Path, trial: int, in_commit: bool
     log = open(work / f"{run_id}.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(_cmd([str(recipe)], 2), cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
     target = rng.randint(1, steps - 1)
-    landed_in_commit = armed = False
+    landed_in_commit, seen = False, None
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if in_commit:
-            # armed once 1-3 snapshots are committed; then the next commit in progress is hit
-            armed = armed or len(cache.list(run_id)) >= 1 + trial % 3
-            if armed and list((runs / ".checkpoints" / "tmp").glob(f"dcp.{run_id}.*")):
-                time.sleep(rng.uniform(0.0, 0.5))
-                landed_in_commit = bool(list((runs / ".checkpoints" / "tmp").glob(f"dcp.{run_id}.*")))
+            # armed once 1-3 snapshots are committed; then the next commit that starts is hit
+            staging = {p.name for p in (runs / ".checkpoints" / "tmp").glob(f"dcp.{run_id}.*")}
+            if seen is None and len(cache.list(run_id)) >= 1 + trial % 3:
+                seen = staging  # the tail of the commit that just completed does not count
+            elif seen is not None and staging - seen:
+                time.sleep(rng.uniform(0.0, 0.6))
+                landed_in_commit = bool((staging - seen) & {p.name for p in (runs / ".checkpoints" / "tmp").glob("dcp.*")})
                 break
         elif (runs / run_id / "metrics.jsonl").exists() and target in _losses(runs / run_id):
             break
@@ -193,6 +195,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--kills", type=int, default=None)
+    ap.add_argument("--kills-only", action="store_true", help="only the fsdp2 reference run and the kill trials")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     steps, length, micro = (6, 128, 4) if args.quick else (12, 256, 4)
@@ -204,8 +207,8 @@ def main() -> None:
         model = _model(work / "model", args.quick)
         runs = work / "runs"
         out = {}
-        for name, procs, mb, sharding in (("one", 1, micro, "none"), ("ddp", 2, micro // 2, "none"),
-                                          ("fsdp2", 2, micro // 2, "fsdp2")):
+        plans = (("one", 1, micro, "none"), ("ddp", 2, micro // 2, "none"), ("fsdp2", 2, micro // 2, "fsdp2"))
+        for name, procs, mb, sharding in plans[2:] if args.kills_only else plans:
             recipe = _recipe(work / f"{name}.yaml", model, runs, name, mb, sharding, steps, length)
             wall = _run([str(recipe)], procs, work)
             out[name] = {**_figures(runs / name), "wall_s": round(wall, 1), "processes": procs, "micro_batch": mb,
@@ -219,14 +222,16 @@ def main() -> None:
             figures["snapshots"] = len(cache.list(name))
         trials = [_kill_trial(work, model, runs, i, i % 2 == 0, micro // 2, steps, length, out["fsdp2"]["losses"], rng)
                   for i in range(kills)]
-    ref = out["one"]["losses"]
-    rel = {name: max(abs(out[name]["losses"][s] - ref[s]) / abs(ref[s]) for s in ref) for name in ("ddp", "fsdp2")}
+    ref = out.get("one", out["fsdp2"])["losses"]
+    rel = {name: max(abs(out[name]["losses"][s] - ref[s]) / abs(ref[s]) for s in ref) for name in ("ddp", "fsdp2")
+           if name in out}
     for v in out.values():
         v.pop("losses")
-    whole = 4 * out["one"]["total_params"]
+    whole = 4 * out["fsdp2"]["total_params"]
     result = {
         "bench": "fsdp2_cpu", "mode": "quick" if args.quick else "full",
-        "command": "OMP_NUM_THREADS=1 python bench/fsdp2_cpu.py" + (" --quick" if args.quick else ""),
+        "command": "OMP_NUM_THREADS=1 python bench/fsdp2_cpu.py" + (" --quick" if args.quick else "")
+        + (" --kills-only" if args.kills_only else ""),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version()},
         "steps": steps, "seq": length, "global_batch": micro, "runs": out,
         "loss_max_rel_diff_vs_one_process": rel,
@@ -239,7 +244,8 @@ def main() -> None:
                                            default=None)},
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
     }
-    target = args.out or RESULTS / ("fsdp2_cpu_quick.json" if args.quick else "fsdp2_cpu.json")
+    name = "fsdp2_cpu" + ("_quick" if args.quick else "") + ("_kills" if args.kills_only else "")
+    target = args.out or RESULTS / f"{name}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))

@@ -164,3 +164,34 @@ def test_sigkill_then_resume_from_sharded_snapshot_same_losses(runs):
     for step in reference:
         assert got[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
     assert all(cache.verify(s).ok for s in cache.list("kill"))
+
+
+def test_sharded_retry_and_rollback_match_one_process(runs):
+    """A failing gate under gate_policy rollback: the retry reloads the sharded stage-start
+    snapshot (weights, and with optimizer_scope run the optimizer and schedule), the second
+    failure rolls back to it; 2 sharded processes take the same decisions and losses as 1."""
+    tmp, _ = runs
+    results = {}
+    for name, processes, micro, sharding in (("rb_one", 1, 4, "none"), ("rb_two", 2, 2, "fsdp2")):
+        recipe = write_recipe(tmp / f"{name}.yaml", tmp / "model", tmp / "runs", run__run_id=name,
+                              context__schedule=[128, 256], context__gate_policy="rollback",
+                              training__steps_per_stage=3, training__micro_batch_size=micro,
+                              training__sharding=sharding, training__optimizer_scope="run", training__snapshot_every=0,
+                              training__threads=1, scaling__lora__dropout=0.0, output__merge=True,
+                              evaluation__perplexity={"windows": 2, "max_ratio_to_base": 0.5})  # always fails
+        proc = _launch([str(recipe)], processes, tmp)
+        text = proc.communicate(timeout=400)[0]
+        # completed, gates failed: exit 5 (the launcher reports a rank's non-zero exit as 1)
+        assert proc.returncode == 5 or (processes > 1 and "exitcode  : 5" in text), text[-3000:]
+        status = json.loads((tmp / "runs" / name / "status.json").read_text())
+        assert status["state"] == "completed_gates_failed", status
+        results[name] = json.loads((tmp / "runs" / name / "summary.json").read_text())
+    one, two = results["rb_one"], results["rb_two"]
+    assert [s["decision"] for s in two["stages"]] == [s["decision"] for s in one["stages"]] == ["rollback"]
+    a, b = _losses(tmp / "runs" / "rb_one"), _losses(tmp / "runs" / "rb_two")
+    assert sorted(a) == sorted(b) and len(a) == 3  # the retry re-logs the same 3 steps
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4), step
+    # ended at the stage-start weights (the base model with its original positions)
+    assert two["final"]["perplexity@64"] == pytest.approx(one["final"]["perplexity@64"], rel=1e-4)
+    assert two["export_check"]["max_abs_logit_diff"] < 1e-4
