@@ -225,6 +225,8 @@ class PasskeyProbeSection(_Strict):
                                 description="where the passkey sits, as a fraction of the context (0: start, 1: end)")
     seed: int = Field(4242, description="seed of the trials: the same trials at every stage")
     min_accuracy: float = Field(0.8, ge=0, le=1, description="stage gate")
+    heldout_template: bool = Field(True, description="also score a held-out needle wording that no training row "
+                                   "and no gate uses (reported as passkey_heldout_template, not gated)")
 
 
 class PerplexityProbeSection(_Strict):

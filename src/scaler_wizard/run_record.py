@@ -209,6 +209,7 @@ def headline(base: dict[str, float], final: dict[str, float], base_length: int, 
     final_ppl_base = final.get(f"perplexity@{base_length}")
     return {
         f"passkey@{target}": final.get(f"passkey@{target}"),
+        f"passkey_heldout_template@{target}": final.get(f"passkey_heldout_template@{target}"),
         f"base_passkey@{target}": base.get(f"passkey@{target}"),
         f"passkey@{base_length}": final.get(f"passkey@{base_length}"),
         f"base_passkey@{base_length}": base.get(f"passkey@{base_length}"),

@@ -86,7 +86,7 @@ def probe_at(model: Any, length: int, ctx: ProbeContext, recipe: Recipe, *, with
     if ev.perplexity.enabled:
         results.append(run_probe(PerplexityProbe(ev.perplexity.windows), model, length, ctx))
     if ev.passkey.enabled:
-        probe = PasskeyProbe(ev.passkey.trials, ev.passkey.depths, ev.passkey.seed)
+        probe = PasskeyProbe(ev.passkey.trials, ev.passkey.depths, ev.passkey.seed, ev.passkey.heldout_template)
         results.append(run_probe(probe, model, length, ctx))
     if with_short and ev.short_context.enabled:
         results.append(run_probe(ShortContextProbe(ev.perplexity.windows), model, length, ctx))
