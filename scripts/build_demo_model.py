@@ -472,7 +472,7 @@ anything else.
 ## How it was made
 
 `python scripts/build_demo_model.py --steps {final['steps']} --batch {final['batch']}` (seed {final['seed']},
-{final['torch']}, 2 CPU threads). Deterministic for a given torch build and thread count.
+{final['torch']}, {final.get('threads', 2)} CPU threads{'; a warm start, see below' if final.get('init_from') else ''}). Deterministic for a given torch build and thread count.
 
 * **Data**: the King James Version (public domain; `data/corpus/SOURCES.md`), split by chapter:
   every 20th chapter (offset 7) is held out (`assets/demo_data/heldout.jsonl`), the rest trains
@@ -482,11 +482,11 @@ anything else.
 * **Model**: Llama, 6 layers, hidden 256, 8 heads (4 KV heads), MLP 768, RoPE theta 10000,
   tied embeddings, {final['params']:,} parameters, trained at a 256-token context; weights stored
   as fp16 safetensors.
-* **Training**: AdamW (lr {final['lr']}, betas 0.9/0.95, weight decay 0.1, warmup 100, cosine to 10%),
+* **Training**: AdamW (lr {final['lr']}, betas 0.9/0.95, weight decay 0.1, warmup {final.get('warmup', 100)}, cosine to 10%),
   {final['batch']} rows of 256 tokens per step mixing three tasks with equal weight: language modelling
   on KJV windows; passkey examples in the fixed protocol of
-  `scaler_wizard/evaluation/passkey.py` (haystack growing from 64 to 256 tokens over the first
-  40% of steps, loss on the key's second mention and on the answer); and a random-token repeat
+  `scaler_wizard/evaluation/passkey.py` ({'haystack growing from 64 to 256 tokens over the first 40% of steps' if not final.get('init_from') else 'lengths up to 256, see the warm start section'},
+  loss on the key's second mention and on the answer); and a random-token repeat
   task (Olsson et al. 2022, induction heads). The checkpoint kept is the evaluation with the best
   passkey accuracy (step {final['kept_step']}){'; the build stopped early at step ' + str(final['stopped_early_at']) + ' (time limit)' if final.get('stopped_early_at') else ''}.
 
