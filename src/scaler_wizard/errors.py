@@ -7,6 +7,7 @@ the CLI boundary, which maps each family to an exit code and a one-paragraph mes
     │   ├── ModelLoadError                     model folder missing / malformed / unsupported
     │   ├── DataError                          data files missing / malformed / empty
     │   ├── PlanError                          the requested plan cannot work (does not fit, bad target)
+    │   │   └── ProbeMemoryError               (evaluation/probes.py) a probe does not fit at its length
     │   ├── UnsupportedMethodError             context method not available for this model
     │   ├── TelemetryReadError                 (telemetry/reader.py) unreadable telemetry file
     │   ├── TelemetrySchemaError               (telemetry/schemas.py) a record violates its JSON Schema
@@ -17,8 +18,9 @@ the CLI boundary, which maps each family to an exit code and a one-paragraph mes
     │   └── SnapshotCorruptError               a snapshot does not verify
     ├── StateFormatError                       (cache/state.py) stored training state unreadable
     ├── PluginError                   exit 2   a registered plugin is malformed or failed to load
-    ├── ContractError                 exit 3   no valid human contract / approval token for this run
+    ├── ContractError                 exit 3   no valid human contract / approval for this run, or scope exceeded
     └── RunHalted                     exit 4   the safety envelope or the operator stopped the run
+    (exit 5, EXIT_GATES_FAILED: not an error -- the run completed but failed its gates)
 
 Families defined next to the module that raises them are listed here so the tree stays one picture.
 """

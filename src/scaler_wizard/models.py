@@ -20,7 +20,15 @@ QLORA_CPU_HINT = ("Without a GPU, remove model.quantization and train LoRA in bf
 
 
 def check_model_dir(path: Path) -> None:
-    """A Hugging Face model folder with config, safetensors weights and a tokenizer."""
+    """A Hugging Face model folder with config, safetensors weights and a tokenizer -- or a GGUF
+    file (or a folder holding exactly one), whose header is checked for a supported architecture
+    and quantization type (``gguf.py``)."""
+    gguf = gguf_file(path)
+    if gguf is not None:
+        from .gguf import check_gguf, inspect_gguf
+
+        check_gguf(inspect_gguf(gguf))  # the header only: a refusal before anything is written
+        return
     if not path.is_dir():
         raise ModelLoadError(
             f"Model folder {path} does not exist.",
@@ -82,6 +90,12 @@ def load_causal_lm(path: Path, *, dtype: str = "float32", attn_implementation: s
     if dtype not in MODEL_DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is not supported for {what}.", hint=f"Use one of {list(MODEL_DTYPES)}.")
     check_model_dir(path)
+    gguf = gguf_file(path)
+    if gguf is not None:  # dequantized to ``dtype``; saved later as a plain HF folder
+        from .gguf import load_gguf_model
+
+        model, tokenizer = load_gguf_model(gguf, dtype, attn_implementation=attn_implementation)
+        return model, _prepare_tokenizer(tokenizer)
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "local_files_only": True, "use_safetensors": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -99,11 +113,35 @@ def load_causal_lm(path: Path, *, dtype: str = "float32", attn_implementation: s
             f"Could not load {what} in {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
             hint="Check that it is a causal language model saved with save_pretrained().",
         ) from None
+    return model, _prepare_tokenizer(tokenizer)
+
+
+def _prepare_tokenizer(tokenizer: Any) -> Any:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     # The tokenizer's length limit is the old context; we tokenize whole documents into a stream.
     tokenizer.model_max_length = int(1e12)
-    return model, tokenizer
+    return tokenizer
+
+
+def gguf_file(path: Path) -> Path | None:
+    """The GGUF file ``model.path`` names (the file, or the one in a folder without safetensors)."""
+    from .gguf import find_gguf
+
+    return find_gguf(path)
+
+
+def load_model_config(path: Path) -> Any:
+    """The transformers config of a model folder or GGUF file."""
+    from transformers import AutoConfig
+
+    gguf = gguf_file(path)
+    try:
+        if gguf is not None:
+            return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types
+        raise ModelLoadError(f"{gguf or path / 'config.json'} is not a usable model config: {exc}") from None
 
 
 def unwrap(model: Any) -> Any:

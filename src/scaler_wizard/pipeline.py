@@ -85,7 +85,10 @@ def run(
 
         # 4. The base model, unscaled, at the base length and at every stage length.
         reporter.phase("probing the base model")
-        ctx = ProbeContext(tokenizer=tokenizer, heldout_stream=heldout_stream, base_length=inputs.base_length)
+        ctx = ProbeContext(tokenizer=tokenizer, heldout_stream=heldout_stream, base_length=inputs.base_length,
+                           batch_size=recipe.evaluation.probe_batch_size,
+                           memory_budget_bytes=int(recipe.evaluation.probe_memory_gb * 2**30)
+                           if recipe.evaluation.probe_memory_gb else None)
         base_results = probe_base(model, inputs, ctx, run_dir, record.writer, resumed=resume_point is not None,
                                   write=dist.is_main)
 

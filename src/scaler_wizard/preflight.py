@@ -90,16 +90,10 @@ def _collect(problems: list[tuple[str, str]], field: str, check, errors: list[Sc
 
 
 def _model_config(model_dir: Path) -> Any:
-    from transformers import AutoConfig
-
-    from .errors import ModelLoadError
-    from .models import check_model_dir
+    from .models import check_model_dir, load_model_config
 
     check_model_dir(model_dir)
-    try:
-        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - transformers raises many types
-        raise ModelLoadError(f"{model_dir / 'config.json'} is not a usable model config: {exc}") from None
+    return load_model_config(model_dir)
 
 
 def _check_context_method(recipe: Recipe, model_config: Any, base_length: int) -> None:
@@ -237,7 +231,7 @@ def read_texts(recipe: Recipe, recipe_dir: Path, folders: dict[str, Path] | None
     reads: list[tuple[Path, int, str]] = []
     with tempfile.TemporaryDirectory(prefix="scaler-wizard-data-") as private:
         def load(values: list[str]) -> list[str]:
-            paths = []
+            paths, copies = [], []
             for value in values:
                 path = resolve_path(value, recipe_dir)
                 if folders and value in folders:
@@ -250,10 +244,18 @@ def read_texts(recipe: Recipe, recipe_dir: Path, folders: dict[str, Path] | None
                     except ContractError as exc:  # not a regular file (a FIFO, a device ...)
                         raise DataError(str(exc), hint="Point data.train / data.eval at regular files.") from None
                     reads.append((path, size, digest))
-                    copy = Path(private) / f"{len(reads)}{path.suffix}"
+                    copy = Path(private) / str(len(reads)) / path.name
+                    copy.parent.mkdir()
                     copy.write_bytes(data)
                     paths.append(copy)
-            return load_texts(paths, recipe.data.text_field)
+                    copies.append((copy, path))
+            try:
+                return load_texts(paths, recipe.data.text_field)
+            except DataError as exc:  # name the user's file, not the private copy
+                message = exc.message
+                for copy, original in copies:
+                    message = message.replace(str(copy), str(original))
+                raise DataError(message, hint=exc.hint) from None
 
         train = load(recipe.data.train)
         if recipe.data.eval:

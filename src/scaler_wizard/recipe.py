@@ -262,6 +262,10 @@ class EvaluationSection(_Strict):
     perplexity: PerplexityProbeSection = Field(default_factory=PerplexityProbeSection)
     short_context: ShortContextProbeSection = Field(default_factory=ShortContextProbeSection)
     evaluate_base_at: list[int] | None = Field(None, description="lengths to probe the base model at")
+    probe_batch_size: int = Field(4, ge=1, description="most rows per probe forward (fewer when the memory budget "
+                                  "says so)")
+    probe_memory_gb: float | None = Field(None, gt=0, description="memory budget of one probe forward; default: 70% "
+                                          "of available RAM, or 90% of free GPU memory plus PyTorch's cache")
 
 
 class DistillationSection(_Strict):

@@ -921,7 +921,8 @@ def _file_digest(path: Path, name: str) -> FileDigest:
 
 
 # Weight formats Scaler Wizard never loads (safetensors only): not part of a model folder's identity.
-UNLOADED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".h5", ".msgpack", ".onnx", ".gguf", ".ot")
+# .gguf is loadable (model.path may name a GGUF file), so it is bound like the safetensors
+UNLOADED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".h5", ".msgpack", ".onnx", ".ot")
 
 
 def tree_files(root: Path, what: str, *, skip_suffixes: tuple[str, ...] = (), skip_dirs: tuple[str, ...] = ()
