@@ -63,8 +63,11 @@ def _recipe(path: Path, model: Path, runs: Path, run_id: str, micro: int, thread
         "context": {"target_length": length, "schedule": [length], "method": "yarn", "gate_policy": "continue"},
         "training": {"steps_per_stage": steps, "micro_batch_size": micro, "threads": threads, "logging_steps": 2,
                      "learning_rate": 0.001, "warmup_steps": 0, "lr_scheduler": "constant", "snapshot_every": 0},
-        "evaluation": {"passkey": {"enabled": False}, "perplexity": {"windows": 1}, "short_context": {"enabled": False},
-                       "evaluate_base_at": [length]},
+        # a speed bench: gates and the envelope's evaluation rules stay out of the way of its tiny model
+        "evaluation": {"passkey": {"enabled": False}, "perplexity": {"windows": 1, "max_ratio_to_base": 1000.0},
+                       "short_context": {"enabled": False}, "evaluate_base_at": [length]},
+        "safety": {"evaluation": {"perplexity_warn_ratio": None, "perplexity_stop_ratio": None,
+                                  "short_context_warn_pct": None, "short_context_stop_pct": None}},
         "output": {"merge": False},
     }))
     return path
