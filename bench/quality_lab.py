@@ -111,6 +111,8 @@ _reg(Config("pose_lora", "YaRN x4 bf4, LoRA only lr 2e-4, PoSE 256-token rows (1
             steps=120, lr=2e-4, row_len=BASE, pose=True, mix=(1, 3, 0)))
 _reg(Config("pose_lne", "YaRN x4 bf4, LoRA + norms + embeddings lr 2e-4, PoSE 256-token rows",
             steps=120, lr=2e-4, row_len=BASE, pose=True, mix=(1, 3, 0), trainable="lora+norm+emb"))
+_reg(Config("pose_lnorm", "YaRN x4 bf4, LoRA + norms (embedding frozen) lr 2e-4, PoSE 256-token rows",
+            steps=120, lr=2e-4, row_len=BASE, pose=True, mix=(1, 3, 0), trainable="lora+norm"))
 _reg(Config("pose_lne_lr5e-4", "as pose_lne with lr 5e-4",
             steps=120, lr=5e-4, row_len=BASE, pose=True, mix=(1, 3, 0), trainable="lora+norm+emb"))
 _reg(Config("pose_full", "YaRN x4 bf4, full fine-tuning lr 1e-4, PoSE 256-token rows",
