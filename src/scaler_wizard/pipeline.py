@@ -78,7 +78,8 @@ def run(
         # 3. The model, its tokenizer, the token streams.
         reporter.phase(f"loading model from {inputs.model_dir}")
         model, tokenizer = load_causal_lm(approved.model_dir, dtype=recipe.model.dtype,
-                                          attn_implementation=recipe.model.attn_implementation)
+                                          attn_implementation=recipe.model.attn_implementation,
+                                          quantization=recipe.model.quantization)
         original_config = copy.deepcopy(model.config)
         train_stream = token_stream(tokenizer, approved.train_texts)
         heldout_stream = token_stream(tokenizer, approved.eval_texts)

@@ -1245,7 +1245,11 @@ def plan_scope(recipe: Recipe, recipe_dir: Path, max_wall_time_s: int) -> Scope:
     attempts = 2 if recipe.context.gate_policy in ("extend", "rollback") else 1
     policy = recipe.safety.policy
     rollbacks = policy.max_rollbacks if policy.on_stop == "rollback" else 0
-    per_step = recipe.training.micro_batch_size * recipe.training.gradient_accumulation_steps
+    from ..distributed import launched_world_size
+
+    # rows per optimizer step over every process of the launch (a contract drafted for one
+    # process does not cover the tokens of a launch on several)
+    per_step = recipe.training.micro_batch_size * recipe.training.gradient_accumulation_steps * launched_world_size()
     stage_tokens = [b * n * per_step for b, n in zip(budgets, lengths)]
     return Scope(
         model=model_identity(model_dir, recipe.model.path),
