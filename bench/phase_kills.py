@@ -174,10 +174,12 @@ def main() -> None:
         phases = PHASES[1:12:3] if args.quick else PHASES
         points = ["entry"] if args.quick else ["entry", "inside"]
         trials = []
-        for prefix, _ in phases:
-            for point in points:
+        for point in points:  # every phase's entry kill first, then the inside kills
+            for prefix, _ in phases:
                 trials.append(trial(work, model_dir, ref, prefix, point, rng, len(trials)))
                 print(json.dumps({k: v for k, v in trials[-1].items() if k != "log_tail"}), file=sys.stderr)
+                args.out.parent.mkdir(parents=True, exist_ok=True)  # partial results survive a stop
+                args.out.write_text(json.dumps({"partial": True, "trials": trials}, indent=2) + "\n")
     by_phase: dict[str, dict] = {}
     for t in trials:
         p = by_phase.setdefault(t["phase"], {"kills": 0, "completed": 0, "all_equal": 0})
