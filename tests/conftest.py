@@ -95,6 +95,17 @@ def write_recipe(path: Path, model_dir: Path, runs_dir: Path, **overrides) -> Pa
     return path
 
 
+def metric_by_step(run_dir: Path, metric: str = "train/loss") -> dict[int, float]:
+    """A metric per global step from a run's metrics.jsonl; a step logged twice (before and after
+    a resume) keeps its last value."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        e = json.loads(line)
+        if e["metric"] == metric:
+            out[e["step"]] = e["value"]
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _isolated_user_home(tmp_path_factory, monkeypatch):
     """The local approval key and trusted-approvers file live in a per-test-session folder,

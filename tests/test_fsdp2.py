@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_model, write_recipe
+from conftest import metric_by_step, save_tiny_model, write_recipe
 from test_multiprocess import ACCELERATE, CLI, pytestmark  # noqa: F401 - same launcher, same skip
 
 STEPS = [6, 4]
@@ -41,14 +41,8 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    """Loss per global step (a step logged before and after a resume keeps its last value)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        e = json.loads(line)
-        if e["metric"] == "train/loss":
-            out[e["step"]] = e["value"]
-    return out
+def _losses(run_dir):
+    return metric_by_step(run_dir, "train/loss")
 
 
 def _metric(run_dir: Path, name: str) -> list[float]:

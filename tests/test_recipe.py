@@ -57,14 +57,14 @@ def test_run_id_must_be_plain_name():
                       "run": {"run_id": "../escape"}})
 
 
-@pytest.mark.parametrize("run", [{"run_id": "my run"}, {"run_id": "a..b"}, {"run_id": "x" * 129},
-                                 {"name": "my run"}, {"name": "x" * 113}, {"name": ".hidden"}])
+@pytest.mark.parametrize("run", [{"run_id": "my run"}, {"run_id": "a..b"}, {"run_id": "x" * 65},
+                                 {"name": "my run"}, {"name": "x" * 49}, {"name": ".hidden"}])
 def test_names_that_cannot_become_the_run_folder_are_refused_by_validate(run):
     """What run_record.check_run_id would refuse after approval is refused when the recipe loads."""
     with pytest.raises(RecipeError, match=f"run.{next(iter(run))}"):
         parse_recipe({"model": {"path": "m"}, "data": {"train": "a"}, "context": {"target_length": 10}, "run": run})
     ok = parse_recipe({"model": {"path": "m"}, "data": {"train": "a"}, "context": {"target_length": 10},
-                       "run": {"name": "x" * 112, "run_id": "y" * 128}})
+                       "run": {"name": "x" * 48, "run_id": "y" * 64}})
     from scaler_wizard.run_record import check_run_id, generated_run_id
 
     assert check_run_id(generated_run_id(ok.run.name)) and check_run_id(ok.run.run_id)

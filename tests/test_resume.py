@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import write_recipe
+from conftest import metric_by_step, write_recipe
 
 STEPS = [7, 6]  # two stages; snapshots every 3 steps -> mid-stage resume points at stage steps 3 and 6
 
@@ -27,13 +27,7 @@ def _recipe(tmp_path, model_dir, name):
 
 
 def _losses(run_dir):
-    """Loss per global step; a step logged twice (before and after a resume) keeps its last value."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        e = json.loads(line)
-        if e["metric"] == "train/loss":
-            out[e["step"]] = e["value"]
-    return out
+    return metric_by_step(run_dir, "train/loss")
 
 
 class Crash(RuntimeError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import write_recipe
+from conftest import metric_by_step, write_recipe
 
 
 class Crash(RuntimeError):
@@ -25,12 +25,7 @@ def _recipe(tmp_path, model_dir, name, **extra):
 
 
 def _losses(run_dir):
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        e = json.loads(line)
-        if e["metric"] == "train/loss":
-            out[e["step"]] = e["value"]
-    return out
+    return metric_by_step(run_dir, "train/loss")
 
 
 def _weights(run_dir):

@@ -36,10 +36,10 @@ class RunSection(_Strict):
     """Which run this is and where its folder goes."""
 
     name: str = Field("scaling-run", description="names the run folder (<name>-<UTC timestamp>) and the report; "
-                      "up to 112 of A-Z a-z 0-9 . _ -")
+                      "up to 48 of A-Z a-z 0-9 . _ -")
     seed: int = Field(1234, description="seed of the run's random choices (adapter initialisation, data order, "
                       "held-out split, synthetic rows); the passkey probe has its own")
-    run_id: str | None = Field(None, description="the run folder's name (up to 128 of A-Z a-z 0-9 . _ -); defaults "
+    run_id: str | None = Field(None, description="the run folder's name (up to 64 of A-Z a-z 0-9 . _ -, the contract's session_id rule); defaults "
                                "to <name>-<UTC timestamp>")
     output_dir: str = Field("runs", description="folder that receives the run folders (relative: to the current "
                             "directory)")
@@ -47,16 +47,16 @@ class RunSection(_Strict):
     @field_validator("run_id")
     @classmethod
     def _safe_run_id(cls, v: str | None) -> str | None:
-        if v is not None and not is_safe_name(v):
-            raise ValueError("must be a plain folder name: 1-128 characters from A-Z a-z 0-9 . _ -, starting with "
+        if v is not None and (not is_safe_name(v) or len(v) > 64):
+            raise ValueError("must be a plain folder name: 1-64 characters from A-Z a-z 0-9 . _ -, starting with "
                              "a letter or digit, without '..'")
         return v
 
     @field_validator("name")
     @classmethod
     def _name_makes_a_run_id(cls, v: str) -> str:
-        if not is_safe_name(v) or len(v) > 112:  # + "-YYYYmmdd-HHMMSS" (run_record.generated_run_id) <= 128
-            raise ValueError("becomes the run folder <name>-<UTC timestamp>: use up to 112 characters from A-Z a-z "
+        if not is_safe_name(v) or len(v) > 48:  # + "-YYYYmmdd-HHMMSS" (run_record.generated_run_id) <= 64
+            raise ValueError("becomes the run folder <name>-<UTC timestamp>: use up to 48 characters from A-Z a-z "
                              "0-9 . _ -, starting with a letter or digit, without '..'")
         return v
 
