@@ -40,22 +40,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 BIN = Path(sys.executable).parent
 DEMO = ROOT / "src" / "scaler_wizard" / "assets"
+sys.path.insert(0, str(ROOT / "bench"))
+
+from multi_process import _model as tiny_model  # noqa: E402
+from multi_process import plumbing_evaluation  # noqa: E402
 
 
 def _model(path: Path, quick: bool) -> Path:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(str(DEMO / "demo_model"))
-    torch.manual_seed(0)
-    hidden = 64 if quick else 256
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 3,
-                         num_hidden_layers=2 if quick else 4, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64 if quick else 128, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return tiny_model(path, quick, layers=4, max_positions=128)
 
 
 def _recipe(path: Path, model: Path, runs: Path, run_id: str, micro: int, sharding: str, steps: int,
@@ -71,8 +63,7 @@ def _recipe(path: Path, model: Path, runs: Path, run_id: str, micro: int, shardi
                      "learning_rate": 0.001, "warmup_steps": 2, "lr_scheduler": "cosine", "snapshot_every": 3,
                      "sharding": sharding},
         "scaling": {"lora": {"dropout": 0.0}},
-        "evaluation": {"passkey": {"enabled": False}, "perplexity": {"windows": 1}, "short_context": {"enabled": False},
-                       "evaluate_base_at": [length]},
+        **plumbing_evaluation(length),
         "output": {"merge": True},
     }))
     return path

@@ -36,7 +36,8 @@ BIN = Path(sys.executable).parent
 DEMO = ROOT / "src" / "scaler_wizard" / "assets"
 
 
-def _model(path: Path, quick: bool) -> Path:
+def _model(path: Path, quick: bool, *, layers: int = 6, max_positions: int = 256) -> Path:
+    """A random Llama with the demo tokenizer (2x64 in quick mode); bench/fsdp2_cpu.py uses it too."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -44,12 +45,24 @@ def _model(path: Path, quick: bool) -> Path:
     torch.manual_seed(0)
     hidden = 64 if quick else 256
     config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 3,
-                         num_hidden_layers=2 if quick else 6, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64 if quick else 256, bos_token_id=tok.bos_token_id,
+                         num_hidden_layers=2 if quick else layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64 if quick else max_positions, bos_token_id=tok.bos_token_id,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def plumbing_evaluation(length: int) -> dict:
+    """The evaluation and safety sections of a bench whose subject is speed or resume, not
+    quality: perplexity only, and gates plus the envelope's evaluation rules kept out of the way
+    of its random model (a real run would fail them and end with exit 5)."""
+    return {
+        "evaluation": {"passkey": {"enabled": False}, "perplexity": {"windows": 1, "max_ratio_to_base": 1000.0},
+                       "short_context": {"enabled": False}, "evaluate_base_at": [length]},
+        "safety": {"evaluation": {"perplexity_warn_ratio": None, "perplexity_stop_ratio": None,
+                                  "short_context_warn_pct": None, "short_context_stop_pct": None}},
+    }
 
 
 def _recipe(path: Path, model: Path, runs: Path, run_id: str, micro: int, threads: int, steps: int,
@@ -63,11 +76,7 @@ def _recipe(path: Path, model: Path, runs: Path, run_id: str, micro: int, thread
         "context": {"target_length": length, "schedule": [length], "method": "yarn", "gate_policy": "continue"},
         "training": {"steps_per_stage": steps, "micro_batch_size": micro, "threads": threads, "logging_steps": 2,
                      "learning_rate": 0.001, "warmup_steps": 0, "lr_scheduler": "constant", "snapshot_every": 0},
-        # a speed bench: gates and the envelope's evaluation rules stay out of the way of its tiny model
-        "evaluation": {"passkey": {"enabled": False}, "perplexity": {"windows": 1, "max_ratio_to_base": 1000.0},
-                       "short_context": {"enabled": False}, "evaluate_base_at": [length]},
-        "safety": {"evaluation": {"perplexity_warn_ratio": None, "perplexity_stop_ratio": None,
-                                  "short_context_warn_pct": None, "short_context_stop_pct": None}},
+        **plumbing_evaluation(length),
         "output": {"merge": False},
     }))
     return path
