@@ -30,6 +30,17 @@ for packed training, ``DataCollatorWithFlattening``):
   of one document is never trained to predict the first token of the next (the
   ``separator_id=-100`` of ``DataCollatorWithFlattening``).
 
+* **per-document attention** (:func:`enable_document_attention`): the two ways above hand sdpa
+  a dense ``[T, T]`` block-diagonal mask, so every row costs ``T**2`` attention work whatever its
+  documents, and sdpa loses its causal fast path. ``DOCUMENT_ATTENTION`` is an attention
+  implementation (registered with transformers' ``AttentionInterface``) that reads the document
+  boundaries from the restarting ``position_ids`` and runs causal sdpa on each document alone:
+  ``sum(len_i**2) / 2`` work, no mask built. bench/perf.py measures it against the mask path
+  (``ours_document_attention`` vs ``ours_sdpa_mask``). The other per-document kernels do not
+  train on CPU: ``flex_attention`` has no backward on CPU (torch 2.13) and ``flash_attention_2``
+  (``cu_seqlens``) is CUDA-only. The pipeline does not switch to it by itself (a model loaded
+  with ``attn_implementation: sdpa`` keeps the mask path); call it on the model to use it.
+
 Padding at the end of a row is a segment of its own (position ids from 0, labels -100), so no
 query row of the attention mask is ever fully masked (which would give NaN in softmax).
 
@@ -58,6 +69,7 @@ IGNORE_INDEX = -100
 PADDING_TASK = -1  # per-token task id of the padding tail (never a target)
 
 __all__ = [
+    "DOCUMENT_ATTENTION",
     "IGNORE_INDEX",
     "PADDING_TASK",
     "FirstFitRows",
@@ -65,6 +77,8 @@ __all__ = [
     "PackedRows",
     "PaddingWaste",
     "block_causal_mask",
+    "document_attention_forward",
+    "enable_document_attention",
     "length_grouped_batches",
     "pack_documents",
     "padding_waste",
@@ -455,3 +469,96 @@ def padding_waste(lengths: Sequence[int], row_length: int, batch_size: int,
         packed=1 - real / (rows * row_length),
         packed_rows=rows,
     )
+
+
+# --------------------------------------------------------------------------- per-document attention
+
+DOCUMENT_ATTENTION = "sw_document_sdpa"
+
+
+def _document_bounds(position_ids: Any) -> list[tuple[tuple[int, int], ...]]:
+    """Per row, the (start, end) of each document: a new one wherever the position does not go up
+    by exactly 1 (the rule of ``transformers.masking_utils.find_packed_sequence_indices``)."""
+    import torch
+
+    t = position_ids.size(-1)
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] - position_ids[:, :-1] != 1
+    out = []
+    for row in starts.tolist():
+        s = [i for i, new in enumerate(row) if new]
+        out.append(tuple(zip(s, s[1:] + [t])))
+    return out
+
+
+def document_attention_forward(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                               dropout: float = 0.0, scaling: float | None = None, is_causal: bool | None = None,
+                               **kwargs: Any) -> tuple[Any, None]:
+    """Causal sdpa on each document of a packed row alone (boundaries from ``position_ids``).
+
+    Anything that is not a packed training forward (a 2-D padding mask, a KV cache with more keys
+    than queries, a non-causal module, no ``position_ids``) goes to transformers' own sdpa path
+    unchanged. ``query`` is ``[B, H, T, D]``, ``key``/``value`` ``[B, H_kv, T, D]``; the output is
+    ``[B, T, H, D]`` like ``sdpa_attention_forward``'s.
+    """
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    position_ids = kwargs.get("position_ids")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    t = query.shape[2]
+    if (attention_mask is not None or position_ids is None or not causal or key.shape[2] != t or t == 1
+            or kwargs.get("position_bias") is not None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    extra = {"enable_gqa": True} if key.shape[1] != query.shape[1] else {}
+    bounds = _document_bounds(position_ids.expand(query.shape[0], -1))
+    groups: dict[tuple[tuple[int, int], ...], list[int]] = {}
+    for r, b in enumerate(bounds):
+        groups.setdefault(b, []).append(r)
+
+    def run(q: Any, k: Any, v: Any, segments: tuple[tuple[int, int], ...]) -> Any:
+        parts = [sdpa(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], dropout_p=dropout, scale=scaling,
+                      is_causal=e - s > 1, **extra) for s, e in segments]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    if len(groups) == 1:  # every row has the same documents (batch 1, or unpacked rows)
+        out = run(query, key, value, bounds[0])
+    else:
+        rows: list[Any] = [None] * query.shape[0]
+        for segments, members in groups.items():
+            idx = torch.tensor(members, device=query.device)
+            o = run(query.index_select(0, idx), key.index_select(0, idx), value.index_select(0, idx), segments)
+            for j, r in enumerate(members):
+                rows[r] = o[j : j + 1]
+        out = torch.cat(rows, dim=0)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _document_mask(*args: Any, attention_mask: Any = None, **kwargs: Any) -> Any:
+    """No mask for packed or plain causal rows (the attention reads ``position_ids``); a caller's
+    2-D padding mask becomes transformers' sdpa mask as usual."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def enable_document_attention(model: Any) -> Any:
+    """Switch ``model`` (a transformers model, or a PEFT model around one) to
+    ``DOCUMENT_ATTENTION``; registers it with transformers on first use. Only for causal
+    full-attention decoders (no sliding window); forwards must pass ``use_cache=False`` and the
+    packed rows' ``position_ids`` (as ``ScalingTrainer`` does). Returns ``model``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    if DOCUMENT_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(DOCUMENT_ATTENTION, document_attention_forward)
+        AttentionMaskInterface.register(DOCUMENT_ATTENTION, _document_mask)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "sliding_window", None) or getattr(base.config, "layer_types", None) and any(
+            kind != "full_attention" for kind in base.config.layer_types):
+        raise DataError("Per-document attention supports full-attention decoders only (this model has sliding-window "
+                        "layers).", hint="Keep attn_implementation 'sdpa' for this model.")
+    base.set_attn_implementation(DOCUMENT_ATTENTION)
+    return model
