@@ -50,7 +50,9 @@ def test_breakdown_is_consistent():
                               + est.teacher + est.overhead)
     # probes run between steps without gradients: the peak is the larger of the two
     assert est.probe_total == est.weights + est.trainable + est.probe + est.overhead
-    assert est.total == max(est.step_total, est.probe_total) == est.step_total
+    assert est.total == max(est.step_total, est.probe_total, est.export_total) == est.step_total
+    # on an accelerator the export's fp32 reload is host RAM: noted, not in the device's peak
+    assert est.export == 0 and any("merged export" in n for n in est.notes)
     assert 0 < est.probe < est.activations + est.logits
     assert est.backward > 0  # the recomputed layer
     assert est.weights == LLAMA_8B.n_params() * 2  # bf16

@@ -17,13 +17,14 @@ import copy
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .allocator import tune_cpu_allocator
 from .data import token_stream
 from .distill.setup import prepare_distillation
-from .errors import PlanError, ScalerWizardError
+from .errors import DataError, PlanError, ScalerWizardError
 from .evaluation.figures import log_probe_results, probe_at
 from .evaluation.probes import PerplexityProbe, ProbeContext, ProbeResult, run_probe
 from .fsutil import utc_now, write_json_atomic
@@ -77,11 +78,13 @@ def run(
 
         # 3. The model, its tokenizer, the token streams.
         reporter.phase(f"loading model from {inputs.model_dir}")
+        if not _cuda_available():
+            tune_cpu_allocator()  # freed activations go back to the OS (allocator.py)
         model, tokenizer = load_causal_lm(approved.model_dir, dtype=recipe.model.dtype,
                                           attn_implementation=recipe.model.attn_implementation,
                                           quantization=recipe.model.quantization)
         original_config = copy.deepcopy(model.config)
-        train_stream = token_stream(tokenizer, approved.train_texts)
+        train_stream = training_tokens(inputs, approved, tokenizer, run_dir, grant, record.writer)
         heldout_stream = token_stream(tokenizer, approved.eval_texts)
 
         # 4. The base model, unscaled, at the base length and at every stage length.
@@ -201,6 +204,7 @@ class ApprovedInputs:
     train_texts: list[str]
     eval_texts: list[str]
     folder: Path | None = None  # the private copies, removed when the run ends
+    data_folders: dict[str, Path] = field(default_factory=dict)  # recipe value -> approved copy of a datasets folder
 
 
 def use_approved_bytes(inputs: RunInputs, grant, dist, run_dir: Path) -> ApprovedInputs:
@@ -237,7 +241,50 @@ def use_approved_bytes(inputs: RunInputs, grant, dist, run_dir: Path) -> Approve
         texts = read_texts(recipe, inputs.recipe_dir, {k: Path(v) for k, v in paths["data"].items()})[:2]
     optional = (lambda p: Path(p) if p else None)
     return ApprovedInputs(Path(paths["model"]), optional(paths["teacher"]), optional(paths["cache"]),
-                          [Path(p) for p in paths["probes"]], *texts, folder=Path(paths["folder"]))
+                          [Path(p) for p in paths["probes"]], *texts, folder=Path(paths["folder"]),
+                          data_folders={k: Path(v) for k, v in paths["data"].items() if v})
+
+
+CORPUS_CACHE_MIN_BYTES = 64 * 2**20  # a training input this large uses the tokenized-corpus cache
+
+
+def training_tokens(inputs: RunInputs, approved: ApprovedInputs, tokenizer, run_dir: Path, grant, writer):
+    """Step 3's training tokens. The tokenized-corpus cache (``corpus.py``: tokenized once, in
+    several processes, memory-mapped, windows that respect documents) when ``data.cache_dir`` is
+    set, ``data.long_document_upsampling`` is on, or a training input is larger than 64 MiB --
+    in ``data.cache_dir``, else ``<run.output_dir>/.cache/tokens``. Otherwise (the demo, small
+    corpora) the in-memory token stream, exactly as before. The cache reads the approved bytes
+    (checked against the approval as hashed) and leaves the held-out split out of the windows."""
+    import numpy as np
+
+    from .corpus import CorpusSampler, tokenize_corpus
+    from .data import heldout_indices
+
+    recipe, data = inputs.recipe, inputs.recipe.data
+    paths = [approved.data_folders.get(v) or resolve_path(v, inputs.recipe_dir) for v in data.train]
+    large = any(_input_bytes(p) > CORPUS_CACHE_MIN_BYTES for p in paths)
+    if not (data.cache_dir or data.long_document_upsampling.enabled or large):
+        return token_stream(tokenizer, approved.train_texts)
+    cache_dir = resolve_path(data.cache_dir) if data.cache_dir else run_dir.parent / ".cache" / "tokens"
+    corpus = tokenize_corpus(paths, data.text_field, tokenizer, cache_dir, data.num_proc,
+                             verify=grant.verified.verify_read if grant is not None else None)
+    parsed = len(approved.train_texts) + (0 if data.eval else len(approved.eval_texts))
+    if corpus.num_docs() != parsed:
+        raise DataError(f"The tokenized corpus {corpus.path} has {corpus.num_docs()} documents, the training data "
+                        f"{parsed}.", hint="Delete that cache folder and run again.")
+    weights = np.ones(corpus.num_docs())
+    if not data.eval:  # the documents split_heldout gave to the held-out text
+        weights[sorted(heldout_indices(parsed, data.eval_fraction, recipe.run.seed))] = 0
+    writer.log(0, "data/corpus_tokens", float(corpus.num_tokens()),
+               tags={"docs": corpus.num_docs(), "cache": "built" if corpus.built else "read",
+                     "path": str(corpus.path)})
+    return CorpusSampler(corpus, weights)
+
+
+def _input_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
 def probe_base(model, inputs: RunInputs, ctx: ProbeContext, run_dir: Path, writer, *, resumed: bool,
@@ -284,6 +331,12 @@ def export_outputs(model, tokenizer, recipe: Recipe, run_dir: Path, heldout_stre
     if not recipe.output.merge:
         return None
     return export_merged(model, tokenizer, run_dir / "model", heldout_stream, length, recipe.output.save_dtype)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 __all__ = ["Reporter", "RunResult", "ScalerWizardError", "run"]

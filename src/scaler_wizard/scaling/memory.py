@@ -66,7 +66,10 @@ Backend = Literal["cuda", "mps", "cpu"]
 # arenas that a training step touches (measured as the RSS delta of a near-empty step).
 CUDA_CONTEXT_BYTES = int(0.75 * GiB)
 CUDA_ALLOCATOR_SLACK = 0.05  # caching-allocator fragmentation, fraction of the tensors' total
-CPU_RUNTIME_BYTES = 16 * 2**20
+# The resident set of the interpreter with torch 2.13 (CPU), transformers 5.x, PEFT, accelerate,
+# datasets and scaler_wizard imported, before any model is built: 0.47 GiB measured on the 2-core
+# machine (issue 15: the planner is compared with the process's peak RSS, which includes it).
+CPU_RUNTIME_BYTES = int(0.47 * GiB)
 CPU_ALLOCATOR_SLACK = 0.0
 # The probes' output projection: logits + their log-softmax of one chunk of positions stay under
 # this many bytes (evaluation/probes.py sizes its chunks with probe_head_chunk below).
@@ -278,6 +281,7 @@ class MemoryRequest:
     teacher_dims: ModelDims | None = None
     backend: Backend = "cuda"
     probe_batch: int = 1  # rows per probe forward (evaluation.probe_batch_size; 1 at long lengths)
+    merge_export: bool = True  # output.merge: the run ends by merging, saving and reloading the model
 
     def check(self) -> None:
         problems = []
@@ -310,6 +314,7 @@ class MemoryEstimate:
     overhead: int
     notes: tuple[str, ...] = ()
     probe: int = 0  # the probes' working set (no gradients), between training steps
+    export: int = 0  # the merged export's check: the reloaded fp32 copy of the weights
 
     @property
     def step_total(self) -> int:
@@ -324,12 +329,19 @@ class MemoryEstimate:
         return self.weights + self.trainable + self.probe + self.overhead
 
     @property
+    def export_total(self) -> int:
+        """Peak of the merged export (``models.export_merged``): the model, its trainable state
+        and the saved folder reloaded in fp32 for the logit check."""
+        return self.weights + self.trainable + self.export + self.overhead
+
+    @property
     def total(self) -> int:
-        # training and probing alternate: the peak is the larger of the two
-        return max(self.step_total, self.probe_total)
+        # training, probing and the export come one after the other: the peak is the largest
+        return max(self.step_total, self.probe_total, self.export_total)
 
     def breakdown_gb(self) -> dict[str, float]:
-        keys = ("weights", "trainable", "activations", "logits", "backward", "teacher", "overhead", "probe")
+        keys = ("weights", "trainable", "activations", "logits", "backward", "teacher", "overhead", "probe",
+                "export")
         parts = {k: getattr(self, k) for k in keys}
         parts["total"] = self.total
         return {k: round(v / GiB, 3) for k, v in parts.items()}
@@ -566,7 +578,14 @@ def estimate_memory(dims: ModelDims, plan: StrategyPlan, req: MemoryRequest) -> 
     probe = probe_working_bytes(dims, req.seq_len, req.probe_batch, dtype=req.dtype,
                                 attn_implementation=req.attn_implementation)
     # (layers run one at a time without gradients: the depth does not change the probes' working set)
-    return MemoryEstimate(w, t, act, lg, bw, te, overhead, tuple(notes), probe)
+    layers = dims.num_layers + (plan.new_blocks if plan.strategy == "block_expansion" else 0)
+    # the export reloads the saved model on the CPU in fp32 (models.export_merged): on a CPU run
+    # that is the same memory as training; with an accelerator it is host RAM, noted, not added
+    reload = dims.n_params(layers - dims.num_layers) * 4 if req.merge_export else 0
+    export = reload if req.backend == "cpu" else 0
+    if reload and not export:
+        notes.append(f"the merged export reloads the model in fp32 on the host: ~{reload / GiB:.1f} GiB of RAM")
+    return MemoryEstimate(w, t, act, lg, bw, te, overhead, tuple(notes), probe, export)
 
 
 def max_seq_len(dims: ModelDims, plan: StrategyPlan, req: MemoryRequest, budget_bytes: float,

@@ -75,7 +75,8 @@ def plan(
     console.print(mem)
     console.print(
         f"training step ~{p.memory.step_total / GiB:.2f} GiB; probes at {rec.target_length} tokens "
-        f"~{p.memory.probe_total / GiB:.2f} GiB (working set {p.memory.probe / GiB:.3f} GiB, one row, chunked head)"
+        f"~{p.memory.probe_total / GiB:.2f} GiB (working set {p.memory.probe / GiB:.3f} GiB, one row, chunked head); "
+        f"merged export ~{p.memory.export_total / GiB:.2f} GiB (reload check in fp32)"
     )
     if explain:
         table = Table(title="why")

@@ -90,7 +90,7 @@ class Recommendation:
                  (f"Estimated peak memory {mem.total / GiB:.2f} GiB "
                   f"({', '.join(f'{k} {v}' for k, v in mem.breakdown_gb().items() if k != 'total')} GiB); "
                   f"training step {mem.step_total / GiB:.2f} GiB, probes at {self.target_length} tokens "
-                  f"{mem.probe_total / GiB:.2f} GiB."),
+                  f"{mem.probe_total / GiB:.2f} GiB, merged export {mem.export_total / GiB:.2f} GiB."),
                  "Adjustments:"]
         lines += [f"  - {a.line()}" for a in self.adjustments] or ["  (none)"]
         lines += [f"Note: {n}" for n in self.notes]
