@@ -1,42 +1,79 @@
-"""Speed, memory and MFU of our training step against stock baselines, run side by side.
+"""Speed, memory and MFU of our training step against the strongest stock baselines, run side by
+side through ``bench/harness.py``.
 
-Every comparison runs in this one script, on this machine, with the same model shape, data,
-sequence length, batch and step count for both sides:
+**Statistics** (every A/B figure): the sides run interleaved (A B, B A, ... the order shuffled
+each round), one warm-up round discarded, ``--repeats`` (default 5) rounds kept; a figure is the
+median ratio with its 95% bootstrap interval (rounds resampled together), and a target is
+``met`` only when the whole interval clears it (``missed``: the whole interval on the wrong side;
+``not resolved``: it straddles the target). Thread count and load average (``os.getloadavg``)
+are recorded beside every section. Each run trains a fresh model for one pass over its data and
+is timed from the start of its first step to the end of its last (the warm-up round absorbs the
+process-level warm-up: allocator, kernel selection, page cache).
 
-1. **Tokens/s of a LoRA training step**: ``ScalingTrainer`` (chunked, task-balanced loss, chunk
-   size from :func:`scaler_wizard.losses.chunk_policy.positions_per_chunk`) vs a stock
-   ``transformers.Trainer`` on the same PEFT LoRA model with the model's own loss.
-   * fixed-length data: rows of exactly ``seq`` tokens for both;
-   * variable-length data (documents of ``seq/8 .. seq`` tokens): the baseline pads each batch to
-     its longest document (what ``DataCollatorWithPadding`` does for a stock user); ours packs the
-     documents into ``seq``-token rows (``scaler_wizard.packing``, ``MaskMode.POSITION_IDS``: the
-     rows carry restarting ``position_ids`` and no attention mask, which is what the pipeline's
-     ``data.build_stage_rows`` produces; ``ScalingTrainer`` forwards them to the decoder).
-   Throughput counts *real* (non-padding) tokens per second over the timed steps (the first
-   ``warmup`` steps are not timed). In full mode each side runs ``repeats`` times, alternating
-   baseline and ours, on the same batches in the same order, and every step counts at the
-   fastest of its repeats (this machine is shared; each run's own figure is kept in the JSON).
+1. **Tokens/s of a LoRA training step** (demo model config, PEFT LoRA r=8 on q/k/v/o, fp32, sdpa).
+   * fixed-length rows: stock ``transformers.Trainer`` (model's own loss) vs ``ScalingTrainer``
+     (chunked, task-balanced loss; chunk from ``chunk_policy.positions_per_chunk``). Target >= 1.0.
+   * variable-length documents (``seq/8 .. seq`` tokens, the same documents for every side, one
+     pass over them), real (non-padding) tokens/s. Two stock baselines, the faster one is "the
+     strongest":
+       - ``stock_grouped``: ``Trainer`` with ``train_sampling_strategy="group_by_length"`` (the
+         ``group_by_length=True`` of transformers < 5) and pad-to-longest batches
+         (``DataCollatorWithPadding``'s behaviour);
+       - ``stock_flattening``: ``DataCollatorWithFlattening`` (the batch's documents in one row,
+         ``position_ids`` restarting per document). On CPU the only attention implementations
+         that honour it are ``sdpa`` and ``eager``, through a dense block-diagonal mask that
+         ``masking_utils`` derives from the position ids (``flash_attention_2`` is CUDA-only,
+         ``flex_attention`` has no backward on CPU in torch 2.13). ``model.config.use_cache`` is
+         set to False: with the default (True) transformers 5.24 builds a KV cache in the training
+         forward, skips the packed-sequence detection and lets documents attend to each other.
+     Ours: ``ScalingTrainer`` on rows packed by ``scaler_wizard.packing`` (restarting position
+     ids), two attention paths, the faster one is "ours":
+       - ``ours_sdpa_mask``: sdpa with the block-diagonal mask transformers builds (the pipeline's
+         path today);
+       - ``ours_document_attention``: ``packing.enable_document_attention``, causal sdpa on each
+         document alone (no mask, ``sum(len**2)/2`` attention work instead of ``T**2``).
+     Target: ours / strongest stock >= 1.3.
 2. **Peak RSS of one LoRA step at long context with a large vocabulary** (2-layer, 256-wide
-   Llama, vocabulary 128,256): ``transformers.Trainer`` with the stock loss (full logits) vs
-   ``ScalingTrainer`` (chunked loss), each in a fresh subprocess so neither inherits the other's
-   allocator high-water mark. Target ratio <= 0.25.
+   Llama, vocabulary 128,256): ``Trainer`` with the stock loss (full logits) vs ``ScalingTrainer``
+   (chunked loss), each in a fresh subprocess. ``peak_rss_mb`` is the training's peak (weights
+   resident plus the step): the child resets the kernel's high-water mark after building the
+   trainer (``/proc/self/clear_refs``), so the random initialisation's transient copies do not
+   count; ``process_peak_rss_mb`` is the whole process's, and the parent samples the child's RSS
+   with psutil every 50 ms as a check. Target ratio <= 0.25. No warm-up round: each sample is a
+   fresh process.
 3. **Distillation**: our ``base`` teacher (``BaseModelTeacher``: the student's own weights with
    the adapters disabled, no second copy) with the chunked generalised-JSD loss vs TRL's
-   ``GKDTrainer`` with a separately built teacher (the same base weights, a second copy), both
-   off-policy (``lmbda=0``: no generation; GKD then is supervised KD on the given sequences),
-   JSD with beta 0.5, temperature 1, loss = KD only (our ``kd_weight=1``). Tokens/s on the demo
-   model config; peak RSS of one step at the large vocabulary in fresh subprocesses (target
-   ratio <= 0.6). Skipped with a note when ``trl`` is not installed (``pip install -e .[bench]``).
-4. **MFU** (PaLM's definition, Chowdhery et al. 2022, appendix B): achieved model FLOP/s over
-   the peak FLOP/s, with model FLOPs per token = 6N + 12*L*H*Q*T (N = parameters doing matmuls,
-   i.e. without the input-embedding lookup; L layers, H heads, Q head dim, T sequence length;
-   recomputation not counted). The peak is this machine's dense fp32 matmul rate measured with
-   torch in the same run, at the same thread count. For a LoRA step the frozen weights need no
-   weight gradients, so the work really done is nearer 4N; ``mfu_lora_4n`` reports that variant.
+   ``GKDTrainer`` with a separately built teacher (a second copy of the base weights), both
+   off-policy (``lmbda=0``), JSD beta 0.5, temperature 1, loss = KD only. Tokens/s on the demo
+   config (target >= 1.0); peak RSS of one step at the large vocabulary (target <= 0.6). Skipped
+   with a note when ``trl`` is not installed (``pip install -e .[bench]``).
+4. **MFU** (PaLM, Chowdhery et al. 2022, appendix B): achieved model FLOP/s / peak FLOP/s.
+   PaLM's model FLOPs per token are ``6N + 12*L*H*Q*T`` (N = parameters doing matmuls: the
+   input-embedding lookup is not one, a tied output head is; L layers, H heads, Q head dim,
+   T sequence length; attention counted over the full T; recomputation never counted). ``6N``
+   is forward 2N + backward 4N, and the backward's 4N is 2N for the activation gradients plus
+   2N for the weight gradients. **Convention here for a LoRA step** (``mfu``): frozen weights
+   still need the activation-gradient half of the backward but no weight gradients, so the
+   model FLOPs are ``4*N_frozen + 6*N_lora + 12*L*H*Q*T`` (the attention has no weights: all of
+   its backward is activation gradients). ``mfu_palm_6n`` applies PaLM's formula unchanged (as
+   if every weight were trained); for a LoRA step it counts work that is never done, so it is
+   not bounded by 1 and is given for comparison only. **Peak**: the best measured dense fp32
+   matmul rate at the same thread count, over several square and model-shaped sizes, best of
+   a few repeats each (every size's figure is in the JSON), not a datasheet number.
+   Reported for the demo config (from section 1's fixed-row runs of ours) and a ~100M config.
+5. **Llama-3.2-1B-shaped memory** (opt-in section ``llama1b``, not in the default set): hidden
+   2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192, vocabulary 128,256, tied
+   embeddings, random weights, fp32 (what CPU users run; ``--llama1b-dtype bfloat16`` for the
+   other), LoRA, batch 1, gradient checkpointing, ``--llama1b-seq`` tokens (default 4096):
+   stock ``Trainer`` + PEFT vs ``ScalingTrainer``, ``--llama1b-steps`` steps each in a fresh
+   subprocess, peak RSS as in point 2 (the training's, the whole process's, psutil sampling). Before running, the stock side's
+   peak is estimated; when it would not fit the available memory the length is halved until it
+   does, and the JSON says so. One run per side (peak RSS barely varies; minutes per step).
 
-    python bench/perf.py --quick   # smoke mode, about a minute on 2 cores
-    python bench/perf.py           # full mode (demo config at 512 tokens, ~100M config, seq 4096 memory)
-    python bench/perf.py --sections throughput,distill   # a subset (results/perf_partial.json)
+    python bench/perf.py --quick                 # smoke mode, every default section, ~2-3 minutes
+    python bench/perf.py                         # full mode (~30 minutes on 2 cores at 1 thread)
+    python bench/perf.py --sections throughput   # a subset (results/perf_partial.json)
+    python bench/perf.py --sections llama1b      # the 1B-shaped memory comparison (results/perf_llama1b.json)
 
 Prints one JSON line and writes bench/results/perf.json (perf_quick.json with --quick).
 """
@@ -45,12 +82,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import importlib.util
 import json
+import math
 import os
 import platform
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,26 +102,50 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PAD = 0  # documents are drawn from token ids 1..V-1, so id 0 marks padding unambiguously
 DEMO_TOKENIZER = ROOT / "src" / "scaler_wizard" / "assets" / "demo_model"
 
+
+def _load_harness():
+    """bench/harness.py by path: this script takes its own folder off sys.path (see __main__)."""
+    spec = importlib.util.spec_from_file_location("sw_bench_harness", Path(__file__).resolve().parent / "harness.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+H = _load_harness()
+
 # the demo model of scripts/build_demo_model.py
 DEMO = {"layers": 6, "hidden": 256, "heads": 8, "kv_heads": 4, "inter": 768, "vocab": 4096}
 # ~96M parameters
 M100 = {"layers": 10, "hidden": 768, "heads": 12, "kv_heads": 12, "inter": 2048, "vocab": 16384}
 LONG_VOCAB = {"layers": 2, "hidden": 256, "heads": 8, "kv_heads": 4, "inter": 768, "vocab": 128256}
+# Llama-3.2-1B's shape (config.json of meta-llama/Llama-3.2-1B), random weights
+LLAMA_1B = {"layers": 16, "hidden": 2048, "heads": 32, "kv_heads": 8, "inter": 8192, "vocab": 128256, "tied": True}
+# the smoke-size stand-in for it (same code path, seconds)
+LLAMA_1B_QUICK = {"layers": 2, "hidden": 256, "heads": 8, "kv_heads": 2, "inter": 1024, "vocab": 32768, "tied": True}
 
 MODES = {
-    # quick is a smoke run: the memory figures use a 32,768 vocabulary at short lengths
-    "quick": {"seq": 128, "batch": 2, "steps": 3, "warmup": 1, "repeats": 1, "mem_vocab": 32768, "mem_seq": 1024,
-              "distill_mem_seq": 128, "matmul_n": 1024, "matmul_reps": 4, "m100": None},
-    # m100: the ~100M config's run, cut to 4 steps of one 512-token row to keep the full run in ~20 minutes
-    "full": {"seq": 512, "batch": 4, "steps": 10, "warmup": 2, "repeats": 2, "mem_vocab": 128256, "mem_seq": 4096,
-             "distill_mem_seq": 1024, "matmul_n": 2048, "matmul_reps": 10,
-             "m100": {"seq": 512, "batch": 1, "steps": 4, "warmup": 1}},
+    # quick is a smoke run: 2 kept rounds (+1 warm-up) and tiny sizes; its ratios are noise
+    "quick": {"seq": 128, "batch": 2, "fixed_steps": 2, "docs": 8, "repeats": 2, "warmup": 1,
+              "mem_repeats": 1, "mem_vocab": 32768, "mem_seq": 1024, "distill_mem_seq": 128,
+              "matmul_sizes": [256, 512], "matmul_reps": 3, "m100": None,
+              "llama1b": {"spec": LLAMA_1B_QUICK, "seq": 512, "steps": 1}},
+    # full: fixed rows 4 steps of 4 x 512 tokens; 32 documents of 64..512 tokens (8 stock batches);
+    # memory at 4096 tokens; the ~100M config 4 steps of one 512-token row, 3 runs
+    "full": {"seq": 512, "batch": 4, "fixed_steps": 4, "docs": 32, "repeats": 5, "warmup": 1,
+             "mem_repeats": 5, "mem_vocab": 128256, "mem_seq": 4096, "distill_mem_seq": 1024,
+             "matmul_sizes": [512, 1024, 2048, 3072], "matmul_reps": 4,
+             "m100": {"seq": 512, "batch": 1, "steps": 4, "repeats": 3},
+             "llama1b": {"spec": LLAMA_1B, "seq": 4096, "steps": 1}},
 }
 SECTIONS = ("throughput", "memory", "distill", "mfu")
-TARGETS = {"fixed_ratio": (">=", 1.0), "variable_ratio": (">=", 1.3), "memory_ratio": ("<=", 0.25),
-           "distill_memory_ratio": ("<=", 0.6), "distill_tokens_ratio": (">=", 1.0)}
+OPT_IN_SECTIONS = ("llama1b",)
+# name: (numerator side, denominator side, target, higher_is_better)
+TARGETS = {"fixed_ratio": 1.0, "variable_ratio": 1.3, "memory_ratio": 0.25, "distill_memory_ratio": 0.6,
+           "distill_tokens_ratio": 1.0}
 # the distillation objective of both sides (see the module docstring, point 3)
 DISTILL = {"divergence": "jsd", "beta": 0.5, "temperature": 1.0}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def trl_available() -> bool:
@@ -98,6 +162,10 @@ def load_gkd():
     return GKDTrainer, GKDConfig
 
 
+def load_now() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 # ----------------------------------------------------------------------------- models and data
 
 
@@ -109,25 +177,28 @@ def llama_config(spec: dict, seq: int):
         num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"],
         max_position_embeddings=max(seq, 64), bos_token_id=PAD, eos_token_id=PAD, pad_token_id=PAD,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, attn_implementation="sdpa",
+        tie_word_embeddings=spec.get("tied", False),
+        # no KV cache in a training forward (see the module docstring, point 1: stock_flattening)
+        use_cache=False,
     )
 
 
-def build_base_model(spec: dict, seq: int, seed: int = 0):
+def build_base_model(spec: dict, seq: int, seed: int = 0, dtype=None):
     """A randomly initialised Llama of the given shape; the same seed gives the same weights."""
     import torch
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(llama_config(spec, seq))
+    model = LlamaForCausalLM(llama_config(spec, seq))
+    return model if dtype is None else model.to(dtype)
 
 
-def build_lora_model(spec: dict, seq: int, seed: int = 0):
+def build_lora_model(spec: dict, seq: int, seed: int = 0, dtype=None):
     """The base model of ``seed`` wrapped in PEFT LoRA (r=8 on q/k/v/o)."""
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                      task_type="CAUSAL_LM")
-    return get_peft_model(build_base_model(spec, seq, seed), lora)
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    return get_peft_model(build_base_model(spec, seq, seed, dtype), lora)
 
 
 def fixed_rows(n: int, seq: int, vocab: int, seed: int) -> list[list[int]]:
@@ -169,6 +240,14 @@ def stock_padding_collate(docs_batch):
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
+def flattening_collate():
+    """transformers' padding-free collator: the batch in one row, position ids restarting per
+    document, label -100 at each document's first token."""
+    from transformers import DataCollatorWithFlattening
+
+    return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+
+
 def tensor_collate(items):
     import torch
 
@@ -187,11 +266,10 @@ def chunk_for(batch: int, seq: int, vocab: int, loss: str = "ce") -> int:
 
 
 class StepTimer:
-    """Trainer callback timing the steps after ``warmup``: ``t0`` (start of the first timed step),
-    ``t1`` (end of the last step) and every step's end, so each step's wall time (data loading
-    included) is the gap between consecutive ends."""
+    """Trainer callback timing the steps from index ``warmup`` on: ``t0`` (start of the first
+    timed step), ``t1`` (end of the last step) and every step's end."""
 
-    def __init__(self, warmup: int):
+    def __init__(self, warmup: int = 0):
         from transformers import TrainerCallback
 
         outer = self
@@ -210,11 +288,6 @@ class StepTimer:
         self.ends: list[float] = []
         self.callback = _CB()
 
-    def step_seconds(self) -> list[float]:
-        """Wall time of each timed step (index ``warmup`` onwards)."""
-        return [end - (self.ends[i - 1] if i > self.warmup else self.t0)
-                for i, end in enumerate(self.ends) if i >= self.warmup]
-
 
 def _training_args(kind: str, workdir: Path, run: dict):
     common = {
@@ -222,7 +295,10 @@ def _training_args(kind: str, workdir: Path, run: dict):
         "learning_rate": 1e-4, "lr_scheduler_type": "constant", "save_strategy": "no", "report_to": [],
         "disable_tqdm": True, "logging_steps": 10_000, "remove_unused_columns": False, "dataloader_num_workers": 0,
         "use_cpu": True, "seed": 0, "data_seed": 0,
+        "train_sampling_strategy": run.get("sampling", "random"),
     }
+    if run.get("grad_ckpt"):
+        common.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
     if kind == "gkd":
         GKDConfig = load_gkd()[1]
         # lmbda=0: never generate (off-policy), seq_kd off: KD on the given sequences, like ours
@@ -241,14 +317,20 @@ def make_trainer(kind: str, spec: dict, dataset, collate, run: dict, workdir: Pa
     ``ours_distill`` ``ScalingTrainer`` + ``BaseModelTeacher`` (adapters disabled), chunked JSD;
     ``gkd``        TRL's ``GKDTrainer`` with a separately built teacher (a second copy of the base).
 
-    Returns ``(trainer, info)``; ``info`` names the chunk size our side picked.
+    ``run["attention"] == "document"`` switches the model to ``packing.enable_document_attention``;
+    ``run["dtype"]`` (a torch dtype) casts the model. Returns ``(trainer, info)``; ``info`` names
+    the chunk size our side picked.
     """
     from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback
 
     from scaler_wizard.training.stage_trainer import ScalingTrainer
 
-    model = build_lora_model(spec, run["seq"])
+    model = build_lora_model(spec, run["seq"], dtype=run.get("dtype"))
+    if run.get("attention") == "document":
+        from scaler_wizard.packing import enable_document_attention
+
+        enable_document_attention(model)
     args = _training_args(kind, workdir, run)
     common = {"model": model, "args": args, "train_dataset": dataset, "data_collator": collate,
               "callbacks": list(callbacks)}
@@ -284,38 +366,64 @@ def make_trainer(kind: str, spec: dict, dataset, collate, run: dict, workdir: Pa
 
 
 def timed_train(kind: str, spec: dict, dataset, collate, run: dict, workdir: Path) -> dict:
-    """Train ``run['steps']`` steps with a trainer of ``kind``; tokens/s over the steps after warmup."""
+    """Train ``run['steps']`` steps with a trainer of ``kind`` on a fresh model; real tokens/s from
+    the start of the first step to the end of the last."""
     counter = CountingCollator(collate)
-    timer = StepTimer(run["warmup"])
+    timer = StepTimer(0)
     trainer, info = make_trainer(kind, spec, dataset, counter, run, workdir, callbacks=[timer.callback])
     trainer.train()
-    timed = counter.real_tokens[run["warmup"] : run["steps"]]
-    steps_s = timer.step_seconds()
+    tokens = counter.real_tokens[: run["steps"]]
     seconds = timer.t1 - timer.t0
-    return {"tokens_per_s": sum(timed) / seconds, "timed_steps": len(timed), "timed_s": round(seconds, 3),
-            "real_tokens_per_step": sum(timed) / max(1, len(timed)), "step_tokens": timed,
-            "step_s": [round(x, 4) for x in steps_s], **info}
+    return {"tokens_per_s": sum(tokens) / seconds, "steps": len(tokens), "seconds": round(seconds, 3),
+            "real_tokens": sum(tokens), "loss": float(trainer.state.log_history[-1].get("train_loss", math.nan))
+            if trainer.state.log_history else math.nan, **info}
 
 
-def side_by_side(pairs: list[tuple[str, object, object]], spec: dict, run: dict, repeats: int, workdir: Path) -> dict:
-    """Alternate the sides ``repeats`` times (A B A B ...). Each run sees the same batches in the
-    same order (fixed seeds), so for every step the fastest of its repeats counts: a step slowed
-    by another job on this shared machine is replaced by the same step run undisturbed. Every
-    run's own tokens/s is kept (``per_run_tokens_per_s``)."""
-    runs: dict[str, list[dict]] = {kind: [] for kind, _, _ in pairs}
-    for r in range(repeats):
-        for kind, dataset, collate in pairs:
-            runs[kind].append(timed_train(kind, spec, dataset, collate, run, workdir / f"r{r}"))
-    out = {}
-    for kind, results in runs.items():
-        tokens = results[0]["step_tokens"]
-        if any(res["step_tokens"] != tokens for res in results):
-            raise RuntimeError(f"'{kind}' saw different batches in its repeats; the per-step minimum needs equal ones")
-        best_s = [min(res["step_s"][i] for res in results) for i in range(len(tokens))]
-        out[kind] = dict(results[0], tokens_per_s=sum(tokens) / sum(best_s), timed_s=round(sum(best_s), 3),
-                         step_s=[round(x, 4) for x in best_s],
-                         per_run_tokens_per_s=[round(res["tokens_per_s"], 1) for res in results])
+def interleaved_sides(sides: dict[str, dict], spec: dict, repeats: int, warmup: int, workdir: Path) -> dict:
+    """Run every side through ``harness.interleaved`` (warm-up rounds discarded). ``sides`` maps a
+    name to ``{"kind", "dataset", "collate", "run"}``. Returns per side the kept runs' tokens/s,
+    their median, and the facts of one run (steps, real tokens, chunk size)."""
+    records: dict[str, list[dict]] = {name: [] for name in sides}
+    counter = iter(range(10**9))
+
+    def runner(name: str):
+        side = sides[name]
+
+        def call() -> float:
+            res = timed_train(side["kind"], spec, side["dataset"], side["collate"], side["run"],
+                              workdir / f"{name}-{next(counter)}")
+            records[name].append(res)
+            return res["tokens_per_s"]
+
+        return call
+
+    t0 = time.perf_counter()
+    load_before = load_now()
+    samples = H.interleaved({name: runner(name) for name in sides}, repeats=repeats, warmup=warmup)
+    out: dict = {"repeats": repeats, "warmup_rounds": warmup, "load_before": load_before, "load_after": load_now(),
+                 "wall_s": round(time.perf_counter() - t0, 1)}
+    for name, values in samples.items():
+        kept = records[name][warmup:]
+        first = kept[0]
+        out[name] = {"tokens_per_s_median": round(statistics.median(values), 2),
+                     "tokens_per_s": [round(v, 2) for v in values],
+                     "steps": first["steps"], "real_tokens": first["real_tokens"],
+                     "seconds": [r["seconds"] for r in kept],
+                     **{k: v for k, v in first.items() if k in ("loss_chunk_size", "chunks_per_batch",
+                                                              "distill_chunk_size")},
+                     "attention": sides[name]["run"].get("attention", "sdpa"),
+                     "sampling": sides[name]["run"].get("sampling", "random")}
+        if any(r["real_tokens"] != first["real_tokens"] for r in kept):
+            raise RuntimeError(f"side {name!r} trained on different tokens in its repeats")
+    out["_samples"] = samples
     return out
+
+
+def compare(part: dict, numerator: str, denominator: str, target: float | None, higher_is_better: bool = True,
+            key: str = "_samples") -> dict:
+    summary = H.ratio_summary(part[key][numerator], part[key][denominator], target=target,
+                              higher_is_better=higher_is_better)
+    return {"of": numerator, "over": denominator, **summary, "shown": H.fmt(summary)}
 
 
 # ----------------------------------------------------------------------------- 1. throughput
@@ -324,28 +432,57 @@ def side_by_side(pairs: list[tuple[str, object, object]], spec: dict, run: dict,
 def bench_throughput(mode: dict, spec: dict, workdir: Path) -> dict:
     from scaler_wizard.packing import MaskMode, pack_documents, padding_waste
 
-    run = {k: mode[k] for k in ("seq", "batch", "steps", "warmup")}
-    seq, batch, steps = run["seq"], run["batch"], run["steps"]
-    out: dict = {"model": spec, **run, "repeats": mode["repeats"]}
+    seq, batch = mode["seq"], mode["batch"]
+    out: dict = {"model": spec, "seq": seq, "batch": batch, "threads": _threads()}
 
-    rows = fixed_rows(batch * steps, seq, spec["vocab"], seed=1)
+    # fixed-length rows: the same rows, the same order, for both sides
+    rows = fixed_rows(batch * mode["fixed_steps"], seq, spec["vocab"], seed=1)
     fixed_ds = [{"input_ids": r, "labels": r} for r in rows]
-    res = side_by_side([("baseline", fixed_ds, tensor_collate), ("ours", fixed_ds, tensor_collate)], spec, run,
-                       mode["repeats"], workdir / "fixed")
-    out["fixed"] = {**res, "ratio": res["ours"]["tokens_per_s"] / res["baseline"]["tokens_per_s"]}
+    run = {"seq": seq, "batch": batch, "steps": mode["fixed_steps"]}
+    sides = {"baseline": {"kind": "baseline", "dataset": fixed_ds, "collate": tensor_collate, "run": run},
+             "ours": {"kind": "ours", "dataset": fixed_ds, "collate": tensor_collate, "run": run}}
+    part = interleaved_sides(sides, spec, mode["repeats"], mode["warmup"], workdir / "fixed")
+    part["ratio"] = compare(part, "ours", "baseline", TARGETS["fixed_ratio"])
+    out["fixed"] = part
 
-    # Enough documents that neither trainer runs out within `steps` batches of `batch` rows.
-    docs = variable_docs(batch * steps * 2, seq, spec["vocab"], seed=2)
-    waste = padding_waste([len(d) for d in docs], seq, batch)
+    # variable-length documents: every side makes one pass over the same documents
+    docs = variable_docs(mode["docs"], seq, spec["vocab"], seed=2)
+    lengths = [len(d) for d in docs]
+    waste = padding_waste(lengths, seq, batch)
     packed = pack_documents(docs, seq, pad_id=PAD, mask_mode=MaskMode.POSITION_IDS)
-    res = side_by_side([("baseline", [{"input_ids": d} for d in docs], stock_padding_collate),
-                        ("ours", packed, tensor_collate)], spec, run, mode["repeats"], workdir / "variable")
-    out["variable"] = {**res, "ratio": res["ours"]["tokens_per_s"] / res["baseline"]["tokens_per_s"],
-                       "padding_waste": waste.as_dict()}
+    doc_ds = [{"input_ids": d} for d in docs]
+    stock_steps, our_steps = -(-len(docs) // batch), -(-len(packed) // batch)
+    stock = {"seq": seq, "batch": batch, "steps": stock_steps}
+    ours = {"seq": seq, "batch": batch, "steps": our_steps}
+    sides = {
+        "stock_grouped": {"kind": "baseline", "dataset": doc_ds, "collate": stock_padding_collate,
+                          "run": dict(stock, sampling="group_by_length")},
+        "stock_flattening": {"kind": "baseline", "dataset": doc_ds, "collate": flattening_collate(), "run": stock},
+        "ours_sdpa_mask": {"kind": "ours", "dataset": packed, "collate": tensor_collate, "run": ours},
+        "ours_document_attention": {"kind": "ours", "dataset": packed, "collate": tensor_collate,
+                                    "run": dict(ours, attention="document")},
+    }
+    part = interleaved_sides(sides, spec, mode["repeats"], mode["warmup"], workdir / "variable")
+    med = {name: part[name]["tokens_per_s_median"] for name in sides}
+    strongest = max(("stock_grouped", "stock_flattening"), key=med.get)
+    best_ours = max(("ours_sdpa_mask", "ours_document_attention"), key=med.get)
+    part.update({
+        "documents": len(docs), "document_tokens": sum(lengths), "packed_rows": len(packed),
+        "padding_waste": waste.as_dict(),
+        "strongest_stock": strongest, "ours": best_ours,
+        "ratio": compare(part, best_ours, strongest, TARGETS["variable_ratio"]),
+        "ratio_vs_other_stock": compare(part, best_ours, ({"stock_grouped", "stock_flattening"} - {strongest}).pop(),
+                                        None),
+        "document_attention_vs_sdpa_mask": compare(part, "ours_document_attention", "ours_sdpa_mask", None),
+        "flattening_vs_grouped": compare(part, "stock_flattening", "stock_grouped", None),
+    })
+    if any(part[name]["real_tokens"] != sum(lengths) for name in sides if name.startswith("stock")):
+        raise RuntimeError("a stock side did not see every document exactly once")
+    out["variable"] = part
     return out
 
 
-# ----------------------------------------------------------------------------- 2./3. memory children
+# ----------------------------------------------------------------------------- 2./3./5. memory children
 
 
 def _rss_mb() -> float:
@@ -353,55 +490,130 @@ def _rss_mb() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def memory_child(kind: str, seq: int, vocab: int) -> None:
-    """One LoRA training step (forward, backward, AdamW) through a real trainer of ``kind`` at the
-    large vocabulary, in this fresh process; prints a JSON line with the peak RSS."""
+def memory_child(kind: str, seq: int, spec: dict, steps: int = 1, dtype: str = "float32", grad_ckpt: bool = False) -> None:
+    """``steps`` LoRA training steps (forward, backward, AdamW) through a real trainer of ``kind``
+    in this fresh process; prints a JSON line with the peak RSS."""
+    import torch
     from datasets import Dataset
 
-    spec = dict(LONG_VOCAB, vocab=vocab)
-    run = {"seq": seq, "batch": 1, "steps": 1, "warmup": 0}
-    row = fixed_rows(1, seq, vocab, seed=0)[0]
-    item = {"input_ids": row, "labels": row}
-    if kind in ("gkd", "ours_distill"):
-        item["attention_mask"] = [1] * seq  # GKD's compute_loss reads it
+    run = {"seq": seq, "batch": 1, "steps": steps, "grad_ckpt": grad_ckpt,
+           "dtype": None if dtype == "float32" else getattr(torch, dtype)}
+    rows = fixed_rows(steps, seq, spec["vocab"], seed=0)
+    items = []
+    for row in rows:
+        item = {"input_ids": row, "labels": row}
+        if kind in ("gkd", "ours_distill"):
+            item["attention_mask"] = [1] * seq  # GKD's compute_loss reads it
+        items.append(item)
     timer = StepTimer(0)
     with tempfile.TemporaryDirectory(prefix="sw-perf-mem-") as tmp:
-        trainer, info = make_trainer(kind, spec, Dataset.from_list([item]), tensor_collate, run, Path(tmp),
+        trainer, info = make_trainer(kind, spec, Dataset.from_list(items), tensor_collate, run, Path(tmp),
                                      callbacks=[timer.callback])
+        gc.collect()
         setup_mb = _rss_mb()
+        setup_peak_mb = _maxrss_mb()
+        # Reset the kernel's high-water mark (Linux: "5" > clear_refs resets VmHWM and ru_maxrss) so
+        # the peak below is the training's -- weights resident plus the steps -- and not the random
+        # initialisation's transient copies, which a model loaded from disk would not have.
+        reset = _reset_peak_rss()
         out = trainer.train()
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    step_s = timer.t1 - timer.t0
-    print(json.dumps({"kind": kind, "seq": seq, **info, "setup_rss_mb": round(setup_mb, 1),
-                      "peak_rss_mb": round(peak_mb, 1), "step_s": round(step_s, 2),
-                      "tokens_per_s": round(seq / step_s, 1), "loss_value": float(out.training_loss)}))
+    peak_mb = _maxrss_mb()
+    step_s = (timer.t1 - timer.t0) / steps
+    print(json.dumps({"kind": kind, "seq": seq, "steps": steps, "dtype": dtype, "gradient_checkpointing": grad_ckpt,
+                      **info, "setup_rss_mb": round(setup_mb, 1), "setup_peak_rss_mb": round(setup_peak_mb, 1),
+                      "peak_rss_mb": round(peak_mb, 1), "peak_is_training_only": reset,
+                      "process_peak_rss_mb": round(max(peak_mb, setup_peak_mb), 1),
+                      "step_s": round(step_s, 2), "tokens_per_s": round(seq / step_s, 1),
+                      "loss_value": float(out.training_loss)}))
 
 
-def run_children(kinds: tuple[str, ...], seq: int, vocab: int) -> dict:
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_child(kind: str, seq: int, spec: dict, *, steps: int = 1, dtype: str = "float32", grad_ckpt: bool = False,
+              timeout: float = 1800) -> dict:
+    """One memory child; the parent also samples its RSS with psutil (every 50 ms) as a check on
+    the child's own ``ru_maxrss``."""
+    import psutil
     import torch
 
-    out = {}
+    cmd = [sys.executable, __file__, "--memory-child", kind, "--mem-seq", str(seq), "--mem-spec", json.dumps(spec),
+           "--mem-steps", str(steps), "--mem-dtype", dtype, "--threads", str(torch.get_num_threads())]
+    if grad_ckpt:
+        cmd.append("--mem-grad-ckpt")
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        sampled = 0
+        t0 = time.monotonic()
+        try:
+            ps = psutil.Process(proc.pid)
+            while proc.poll() is None:
+                try:
+                    sampled = max(sampled, ps.memory_info().rss)
+                except psutil.Error:
+                    pass
+                if time.monotonic() - t0 > timeout:
+                    proc.kill()
+                    raise RuntimeError(f"memory child '{kind}' ran past {timeout} s")
+                time.sleep(0.05)
+        except psutil.NoSuchProcess:
+            pass
+        proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        raise ChildFailed(kind, proc.returncode, stderr[-3000:])
+    res = json.loads(stdout.strip().splitlines()[-1])
+    res["sampled_peak_rss_mb"] = round(sampled / 2**20, 1)
+    return res
+
+
+class ChildFailed(RuntimeError):
+    def __init__(self, kind: str, code: int, stderr: str):
+        super().__init__(f"memory child '{kind}' failed (exit {code}): {stderr}")
+        self.code = code
+
+
+def interleaved_children(kinds: tuple[str, str], seq: int, spec: dict, repeats: int) -> dict:
+    """Peak RSS of each kind, ``repeats`` fresh processes each, interleaved (no warm-up round:
+    a fresh process has nothing to warm)."""
+    records: dict[str, list[dict]] = {k: [] for k in kinds}
+
+    def runner(kind):
+        def call():
+            res = run_child(kind, seq, spec)
+            records[kind].append(res)
+            return res["peak_rss_mb"]
+        return call
+
+    load_before = load_now()
+    samples = H.interleaved({k: runner(k) for k in kinds}, repeats=repeats, warmup=0)
+    out: dict = {"model": spec, "seq": seq, "repeats": repeats, "load_before": load_before, "load_after": load_now()}
     for kind in kinds:
-        cmd = [sys.executable, __file__, "--memory-child", kind, "--mem-seq", str(seq), "--mem-vocab", str(vocab),
-               "--threads", str(torch.get_num_threads())]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory child '{kind}' failed (exit {proc.returncode}): {proc.stderr[-3000:]}")
-        out[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
+        runs = records[kind]
+        out[kind] = dict(runs[0], peak_rss_mb=statistics.median(samples[kind]), peak_rss_mb_runs=samples[kind],
+                         sampled_peak_rss_mb=statistics.median(r["sampled_peak_rss_mb"] for r in runs),
+                         setup_rss_mb=statistics.median(r["setup_rss_mb"] for r in runs),
+                         tokens_per_s=statistics.median(r["tokens_per_s"] for r in runs))
+    out["_samples"] = samples
     return out
 
 
-def _ratios(out: dict, ours: str, theirs: str) -> dict:
-    a, b = out[ours], out[theirs]
-    return {"ratio_peak_rss": a["peak_rss_mb"] / b["peak_rss_mb"],
-            "ratio_step_increment": (a["peak_rss_mb"] - a["setup_rss_mb"]) / (b["peak_rss_mb"] - b["setup_rss_mb"])}
-
-
 def bench_memory(mode: dict) -> dict:
-    seq, spec = mode["mem_seq"], dict(LONG_VOCAB, vocab=mode["mem_vocab"])
-    out: dict = {"model": spec, "seq": seq, **run_children(("baseline", "ours"), seq, spec["vocab"])}
-    out.update(_ratios(out, "ours", "baseline"))
-    out["target_ratio"] = TARGETS["memory_ratio"][1]
+    spec = dict(LONG_VOCAB, vocab=mode["mem_vocab"])
+    out = interleaved_children(("baseline", "ours"), mode["mem_seq"], spec, mode["mem_repeats"])
+    out["ratio"] = compare(out, "ours", "baseline", TARGETS["memory_ratio"], higher_is_better=False)
     out["losses_agree"] = abs(out["baseline"]["loss_value"] - out["ours"]["loss_value"]) < 1e-3
     return out
 
@@ -421,19 +633,17 @@ def bench_distill(mode: dict, workdir: Path) -> dict:
                  "teachers": {"ours_distill": "base: the student with adapters disabled (no second copy)",
                               "gkd": "a separately built LlamaForCausalLM with the student's base weights"}}
     # tokens/s on the demo config, fixed-length rows (GKD's compute_loss needs an attention mask)
-    run = {k: mode[k] for k in ("seq", "batch", "steps", "warmup")}
+    run = {"seq": mode["seq"], "batch": mode["batch"], "steps": mode["fixed_steps"]}
     rows = fixed_rows(run["batch"] * run["steps"], run["seq"], DEMO["vocab"], seed=4)
     ds = Dataset.from_list([{"input_ids": r, "labels": r, "attention_mask": [1] * len(r)} for r in rows])
-    res = side_by_side([("gkd", ds, tensor_collate), ("ours_distill", ds, tensor_collate)], DEMO, run,
-                       mode["repeats"], workdir / "distill")
-    out["throughput"] = {"model": DEMO, **run, **res,
-                         "ratio": res["ours_distill"]["tokens_per_s"] / res["gkd"]["tokens_per_s"]}
+    sides = {k: {"kind": k, "dataset": ds, "collate": tensor_collate, "run": run} for k in ("gkd", "ours_distill")}
+    tp = interleaved_sides(sides, DEMO, mode["repeats"], mode["warmup"], workdir / "distill")
+    tp["ratio"] = compare(tp, "ours_distill", "gkd", TARGETS["distill_tokens_ratio"])
+    out["throughput"] = {"model": DEMO, **run, **tp}
     # peak memory of one step at the large vocabulary
-    seq, spec = mode["distill_mem_seq"], dict(LONG_VOCAB, vocab=mode["mem_vocab"])
-    mem: dict = {"model": spec, "seq": seq, **run_children(("gkd", "ours_distill"), seq, spec["vocab"])}
-    mem.update(_ratios(mem, "ours_distill", "gkd"))
-    mem["ratio_tokens_per_s"] = mem["ours_distill"]["tokens_per_s"] / mem["gkd"]["tokens_per_s"]
-    mem["target_ratio"] = TARGETS["distill_memory_ratio"][1]
+    spec = dict(LONG_VOCAB, vocab=mode["mem_vocab"])
+    mem = interleaved_children(("gkd", "ours_distill"), mode["distill_mem_seq"], spec, mode["mem_repeats"])
+    mem["ratio"] = compare(mem, "ours_distill", "gkd", TARGETS["distill_memory_ratio"], higher_is_better=False)
     out["memory"] = mem
     return out
 
@@ -441,103 +651,198 @@ def bench_distill(mode: dict, workdir: Path) -> dict:
 # ----------------------------------------------------------------------------- 4. MFU
 
 
-def matmul_peak_flops(n: int, reps: int) -> float:
-    """Best dense fp32 matmul rate (FLOP/s) of an n x n x n product at the current thread count."""
+def matmul_peak(sizes: list[int], reps: int, shapes: list[tuple[int, int, int]] = ()) -> dict:
+    """Best dense fp32 matmul rate (FLOP/s) at the current thread count: square ``n x n x n``
+    products for each of ``sizes`` plus the given ``(m, k, n)`` shapes, best of ``reps`` each
+    after one untimed call. The peak is the best of all."""
     import torch
 
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
-    torch.mm(a, b)  # warm-up (allocations, kernel selection)
-    best = 0.0
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
-    return best
+    table = {}
+    for m, k, n in [(s, s, s) for s in sizes] + list(shapes):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        torch.mm(a, b)  # warm-up (allocations, kernel selection)
+        best = 0.0
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * m * k * n / (time.perf_counter() - t0))
+        table[f"{m}x{k}x{n}"] = round(best / 1e9, 2)
+    peak = max(table.values())
+    return {"peak_gflops": peak, "best_shape": max(table, key=table.get), "gflops_by_shape": table, "reps": reps,
+            "dtype": "float32", "threads": _threads()}
 
 
 def model_flops_per_token(model, seq: int) -> dict:
-    """6N + 12*L*H*Q*T (PaLM appendix B); N excludes the input-embedding lookup and the LoRA adapters."""
+    """Model FLOPs per trained token of a LoRA model (see the module docstring, point 4)."""
     base = model.get_base_model()
     cfg = base.config
     embed = base.get_input_embeddings().weight
     tied = embed is base.get_output_embeddings().weight
+    lora = sum(p.numel() for name, p in base.named_parameters() if "lora_" in name)
     n = sum(p.numel() for name, p in base.named_parameters() if "lora_" not in name)
     n_matmul = n if tied else n - embed.numel()
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * seq
-    return {"params": n, "matmul_params": n_matmul, "flops_6n": 6 * n_matmul + attention,
-            "flops_4n": 4 * n_matmul + attention}
+    return {"params": n, "matmul_params": n_matmul, "lora_params": lora, "attention_flops": attention,
+            "flops_lora": 4 * n_matmul + 6 * lora + attention, "flops_palm_6n": 6 * n_matmul + attention}
 
 
-def mfu_entry(spec: dict, seq: int, tokens_per_s: float, peak: float) -> dict:
-    model = build_lora_model(spec, seq)
-    f = model_flops_per_token(model, seq)
-    return {"model": spec, "seq": seq, "params": f["params"], "tokens_per_s": tokens_per_s,
-            "model_flops_per_token": f["flops_6n"], "achieved_tflops": tokens_per_s * f["flops_6n"] / 1e12,
-            "mfu": tokens_per_s * f["flops_6n"] / peak, "mfu_lora_4n": tokens_per_s * f["flops_4n"] / peak}
+def mfu_entry(spec: dict, seq: int, tokens_per_s: list[float], peak_flops: float) -> dict:
+    f = model_flops_per_token(build_lora_model(spec, seq), seq)
+    mfu = [t * f["flops_lora"] / peak_flops for t in tokens_per_s]
+    palm = [t * f["flops_palm_6n"] / peak_flops for t in tokens_per_s]
+    med = statistics.median(tokens_per_s)
+    return {"model": spec, "seq": seq, **f, "tokens_per_s_runs": [round(t, 2) for t in tokens_per_s],
+            "tokens_per_s_median": round(med, 2), "achieved_gflops": round(med * f["flops_lora"] / 1e9, 2),
+            "mfu": round(statistics.median(mfu), 4), "mfu_range": [round(min(mfu), 4), round(max(mfu), 4)],
+            "mfu_palm_6n": round(statistics.median(palm), 4)}
 
 
-def bench_mfu(mode: dict, demo_tokens_per_s: float | None, workdir: Path) -> dict:
-    peak = matmul_peak_flops(mode["matmul_n"], mode["matmul_reps"])
-    out: dict = {"matmul_peak_gflops": peak / 1e9, "matmul_n": mode["matmul_n"]}
-    if demo_tokens_per_s is None:  # --sections without throughput: time the demo config here
-        run = {k: mode[k] for k in ("seq", "batch", "steps", "warmup")}
-        rows = fixed_rows(run["batch"] * run["steps"], run["seq"], DEMO["vocab"], seed=1)
-        demo_tokens_per_s = timed_train("ours", DEMO, [{"input_ids": r, "labels": r} for r in rows],
-                                        tensor_collate, run, workdir / "demo")["tokens_per_s"]
-    out["demo"] = mfu_entry(DEMO, mode["seq"], demo_tokens_per_s, peak)
+def bench_mfu(mode: dict, demo_samples: list[float] | None, workdir: Path) -> dict:
+    # model-shaped products: the demo's and the ~100M config's MLP up-projections at their token counts
+    shapes = [(mode["batch"] * mode["seq"], DEMO["hidden"], DEMO["inter"])]
     if mode["m100"]:
-        run = mode["m100"]
+        shapes.append((mode["m100"]["batch"] * mode["m100"]["seq"], M100["hidden"], M100["inter"]))
+    peak = matmul_peak(mode["matmul_sizes"], mode["matmul_reps"], shapes)
+    out: dict = {"convention": "mfu = tokens/s x (4*N_frozen + 6*N_lora + 12*L*H*Q*T) / measured peak; "
+                               "mfu_palm_6n = tokens/s x (6*N + 12*L*H*Q*T) / measured peak (reference only)",
+                 "peak": peak, "load_before": load_now()}
+    if demo_samples is None:  # --sections without throughput: time the demo config here
+        run = {"seq": mode["seq"], "batch": mode["batch"], "steps": mode["fixed_steps"]}
+        rows = fixed_rows(run["batch"] * run["steps"], run["seq"], DEMO["vocab"], seed=1)
+        side = {"ours": {"kind": "ours", "dataset": [{"input_ids": r, "labels": r} for r in rows],
+                         "collate": tensor_collate, "run": run}}
+        demo_samples = interleaved_sides(side, DEMO, mode["repeats"], mode["warmup"], workdir / "demo")["_samples"]["ours"]
+    out["demo"] = mfu_entry(DEMO, mode["seq"], demo_samples, peak["peak_gflops"] * 1e9)
+    if mode["m100"]:
+        m = mode["m100"]
+        run = {"seq": m["seq"], "batch": m["batch"], "steps": m["steps"]}
         rows = fixed_rows(run["batch"] * run["steps"], run["seq"], M100["vocab"], seed=3)
-        res = timed_train("ours", M100, [{"input_ids": r, "labels": r} for r in rows], tensor_collate, run,
-                          workdir / "m100")
-        out["m100"] = dict(mfu_entry(M100, run["seq"], res["tokens_per_s"], peak), run=res)
+        side = {"ours": {"kind": "ours", "dataset": [{"input_ids": r, "labels": r} for r in rows],
+                         "collate": tensor_collate, "run": run}}
+        res = interleaved_sides(side, M100, m["repeats"], 1, workdir / "m100")
+        out["m100"] = dict(mfu_entry(M100, m["seq"], res["_samples"]["ours"], peak["peak_gflops"] * 1e9),
+                           run={k: v for k, v in res["ours"].items()}, repeats=m["repeats"])
+    out["load_after"] = load_now()
+    return out
+
+
+# ----------------------------------------------------------------------------- 5. Llama-3.2-1B-shaped memory
+
+
+def estimate_peak_gb(spec: dict, seq: int, kind: str, dtype_bytes: int) -> float:
+    """A rough upper estimate of one LoRA step's peak RSS with gradient checkpointing, batch 1:
+    weights, the layer-boundary checkpoints, one layer's recomputed activations, and the loss:
+    stock keeps ~4 fp32 ``seq x vocab`` tensors (logits, log-softmax, their gradients), ours a
+    chunk. Plus ~1 GB of interpreter, torch and transformers."""
+    h, inter, layers, vocab = spec["hidden"], spec["inter"], spec["layers"], spec["vocab"]
+    kv = h * spec["kv_heads"] // spec["heads"]
+    params = vocab * h * (1 if spec.get("tied") else 2) + layers * (2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h)
+    act = layers * seq * h * dtype_bytes + seq * (6 * inter + 10 * h) * dtype_bytes
+    loss = 4 * seq * vocab * 4 if kind == "baseline" else 4 * min(seq, 2048) * vocab * 4 / 8
+    return (params * dtype_bytes + act + loss) / 2**30 + 1.0
+
+
+def bench_llama1b(mode: dict, seq: int | None, steps: int | None, dtype: str) -> dict:
+    import psutil
+
+    cfg = mode["llama1b"]
+    spec, seq, steps = cfg["spec"], seq or cfg["seq"], steps or cfg["steps"]
+    dtype_bytes = 2 if dtype in ("bfloat16", "float16") else 4
+    available = psutil.virtual_memory().available / 2**30
+    out: dict = {"model": spec, "requested_seq": seq, "dtype": dtype, "batch": 1, "steps": steps,
+                 "gradient_checkpointing": True, "lora": {"r": 8, "targets": LORA_TARGETS},
+                 "available_gb_before": round(available, 2), "load_before": load_now(), "attempts": []}
+    while True:
+        est = {k: round(estimate_peak_gb(spec, seq, k, dtype_bytes), 2) for k in ("baseline", "ours")}
+        if est["baseline"] <= 0.9 * available or seq <= 512:
+            break
+        out["attempts"].append({"seq": seq, "estimated_gb": est, "skipped": "stock estimate above 90% of available"})
+        seq //= 2
+    while True:
+        try:
+            res = {k: run_child(k, seq, spec, steps=steps, dtype=dtype, grad_ckpt=True, timeout=4 * 3600)
+                   for k in ("baseline", "ours")}
+            break
+        except ChildFailed as exc:  # killed for memory (SIGKILL from the OOM killer, or a MemoryError)
+            out["attempts"].append({"seq": seq, "estimated_gb": est, "failed": str(exc)[:500]})
+            if seq <= 512:
+                raise
+            seq //= 2
+            est = {k: round(estimate_peak_gb(spec, seq, k, dtype_bytes), 2) for k in ("baseline", "ours")}
+    out.update({"seq": seq, "estimated_gb": est, **res, "load_after": load_now()})
+    if seq != out["requested_seq"]:
+        out["note"] = f"ran at {seq} tokens: {out['requested_seq']} did not fit this machine with the stock trainer"
+    out["ratio_peak_rss"] = round(res["ours"]["peak_rss_mb"] / res["baseline"]["peak_rss_mb"], 4)
+    out["ratio_sampled_peak_rss"] = round(res["ours"]["sampled_peak_rss_mb"] / res["baseline"]["sampled_peak_rss_mb"], 4)
     return out
 
 
 # ----------------------------------------------------------------------------- main
 
 
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def machine() -> dict:
     import torch
 
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "nice": os.nice(0)}
+    return {**H.machine_state(), "processor": platform.processor() or platform.machine(),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "nice": os.nice(0)}
 
 
 def verdicts(result: dict) -> dict:
-    """Each headline figure with its target and whether it is met."""
-    values = {}
+    """Each headline figure: median ratio, 95% interval, target and verdict (harness.verdict)."""
+    found = {}
     if "throughput" in result:
-        values["fixed_ratio"] = result["throughput"]["fixed"]["ratio"]
-        values["variable_ratio"] = result["throughput"]["variable"]["ratio"]
+        found["fixed_ratio"] = result["throughput"]["fixed"]["ratio"]
+        found["variable_ratio"] = result["throughput"]["variable"]["ratio"]
     if "memory" in result:
-        values["memory_ratio"] = result["memory"]["ratio_peak_rss"]
+        found["memory_ratio"] = result["memory"]["ratio"]
     if "distill" in result and "skipped" not in result["distill"]:
-        values["distill_memory_ratio"] = result["distill"]["memory"]["ratio_peak_rss"]
-        values["distill_tokens_ratio"] = result["distill"]["throughput"]["ratio"]
-    out = {}
-    for name, value in values.items():
-        op, target = TARGETS[name]
-        out[name] = {"value": round(value, 3), "target": f"{op} {target}",
-                     "met": value >= target if op == ">=" else value <= target}
-    return out
+        found["distill_memory_ratio"] = result["distill"]["memory"]["ratio"]
+        found["distill_tokens_ratio"] = result["distill"]["throughput"]["ratio"]
+    return {name: {k: r[k] for k in ("of", "over", "ratio", "ci95", "repeats", "target", "verdict", "shown")}
+            for name, r in found.items()}
+
+
+def _strip_samples(obj):
+    if isinstance(obj, dict):
+        return {k: _strip_samples(v) for k, v in obj.items() if k != "_samples"}
+    if isinstance(obj, list):
+        return [_strip_samples(v) for v in obj]
+    return obj
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke mode: tiny sizes, about a minute")
+    ap.add_argument("--quick", action="store_true", help="smoke mode: tiny sizes, 2 kept rounds")
     ap.add_argument("--sections", default=",".join(SECTIONS),
-                    help=f"comma-separated subset of {','.join(SECTIONS)} (writes results/perf_partial*.json)")
+                    help=f"comma-separated subset of {','.join(SECTIONS + OPT_IN_SECTIONS)} "
+                         "(llama1b only when named; a subset writes results/perf_partial*.json)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads for every measurement (default 1: steadier beside other jobs on a shared "
                     "machine; the matmul peak of the MFU is measured at the same count)")
+    ap.add_argument("--repeats", type=int, default=None, help="kept interleaved rounds per A/B (full default 5)")
+    ap.add_argument("--warmup", type=int, default=None, help="discarded warm-up rounds per A/B (default 1)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per fixed-row run (full default 4)")
+    ap.add_argument("--docs", type=int, default=None,
+                    help="variable-length documents per run, one pass (full default 32 = 8 stock batches)")
+    ap.add_argument("--memory-repeats", type=int, default=None, help="fresh processes per side for peak RSS (full 5)")
+    ap.add_argument("--m100-repeats", type=int, default=None, help="kept runs of the ~100M config's MFU (full 3)")
+    ap.add_argument("--llama1b-seq", type=int, default=None, help="tokens of the 1B-shaped step (default 4096)")
+    ap.add_argument("--llama1b-steps", type=int, default=None, help="steps per side of the 1B-shaped run (default 1)")
+    ap.add_argument("--llama1b-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--results-dir", type=Path, default=RESULTS, help="where the JSON goes (default bench/results)")
     ap.add_argument("--memory-child", choices=["baseline", "ours", "gkd", "ours_distill"], help=argparse.SUPPRESS)
     ap.add_argument("--mem-seq", type=int, default=4096, help=argparse.SUPPRESS)
-    ap.add_argument("--mem-vocab", type=int, default=LONG_VOCAB["vocab"], help=argparse.SUPPRESS)
+    ap.add_argument("--mem-spec", default=json.dumps(LONG_VOCAB), help=argparse.SUPPRESS)
+    ap.add_argument("--mem-steps", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--mem-dtype", default="float32", help=argparse.SUPPRESS)
+    ap.add_argument("--mem-grad-ckpt", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     import torch
@@ -546,23 +851,30 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     if args.memory_child:
-        memory_child(args.memory_child, args.mem_seq, args.mem_vocab)
+        memory_child(args.memory_child, args.mem_seq, json.loads(args.mem_spec), args.mem_steps, args.mem_dtype,
+                     args.mem_grad_ckpt)
         return
     chosen = {s.strip() for s in args.sections.split(",") if s.strip()}
-    sections = [s for s in SECTIONS if s in chosen]  # always in the order of SECTIONS
-    unknown = sorted(chosen - set(SECTIONS))
+    sections = [s for s in SECTIONS + OPT_IN_SECTIONS if s in chosen]  # always in this order
+    unknown = sorted(chosen - set(SECTIONS + OPT_IN_SECTIONS))
     if unknown:
-        ap.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+        ap.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS + OPT_IN_SECTIONS)}")
 
     name = "quick" if args.quick else "full"
-    mode = MODES[name]
-    command = "python bench/perf.py" + (" --quick" if args.quick else "")
-    if args.threads != 1:
-        command += f" --threads {args.threads}"
-    if set(sections) != set(SECTIONS):
-        command += f" --sections {','.join(sections)}"
+    mode = copy.deepcopy(MODES[name])
+    for flag, key in (("repeats", "repeats"), ("warmup", "warmup"), ("steps", "fixed_steps"), ("docs", "docs"),
+                      ("memory_repeats", "mem_repeats")):
+        if getattr(args, flag) is not None:
+            mode[key] = getattr(args, flag)
+    if args.m100_repeats is not None and mode["m100"]:
+        mode["m100"]["repeats"] = args.m100_repeats
+    command = "python " + " ".join(["bench/perf.py"] + [a for a in sys.argv[1:] if a])
     result: dict = {"bench": "perf", "mode": name, "command": command, "machine": machine(),
-                    "load_average_before": list(os.getloadavg()), "trl_installed": trl_available()}
+                    "load_average_before": load_now(), "trl_installed": trl_available(),
+                    "statistics": "harness.py: interleaved rounds (order shuffled per round), warm-up round(s) "
+                                  "discarded, median ratio with a paired 95% bootstrap interval; met = the whole "
+                                  "interval clears the target",
+                    "settings": {k: v for k, v in mode.items() if k != "llama1b"}}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sw-perf-") as tmp:
         work = Path(tmp)
@@ -576,15 +888,21 @@ def main() -> None:
             elif section == "distill":
                 result["distill"] = bench_distill(mode, work)
             elif section == "mfu":
-                demo = result["throughput"]["fixed"]["ours"]["tokens_per_s"] if "throughput" in result else None
+                demo = result["throughput"]["fixed"]["_samples"]["ours"] if "throughput" in result else None
                 result["mfu"] = bench_mfu(mode, demo, work)
+            elif section == "llama1b":
+                result["llama1b"] = bench_llama1b(mode, args.llama1b_seq, args.llama1b_steps, args.llama1b_dtype)
             section_s[section] = round(time.perf_counter() - t_section, 1)
-    result["load_average_after"] = list(os.getloadavg())
-    result["targets"] = {k: f"{op} {v}" for k, (op, v) in TARGETS.items()}
+    result["load_average_after"] = load_now()
+    result["targets"] = dict(TARGETS)
     result["verdicts"] = verdicts(result)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
+    result = _strip_samples(result)
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    stem = "perf" if set(sections) == set(SECTIONS) else "perf_partial"
+    if sections == ["llama1b"]:
+        stem = "perf_llama1b"
+    else:
+        stem = "perf" if set(sections) == set(SECTIONS) else "perf_partial"
     (args.results_dir / (stem + ("_quick" if args.quick else "") + ".json")).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
 
