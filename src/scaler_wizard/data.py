@@ -5,14 +5,20 @@ name configurable), ``.txt`` (one document per line), ``.parquet``, ``.csv``, or
 written by ``Dataset.save_to_disk``. Documents are tokenized once and joined with EOS into a
 token stream; stage rows are windows of that stream, plus optional synthetic passkey rows,
 either one example per padded row or packed (``build_stage_rows(pack=True)``).
+
+Real corpora take another road (``corpus.py``): tokenized once into a memory-mapped cache, with
+windows that respect documents; ``build_stage_rows`` takes such a source (``DocumentWindows``)
+in place of the token stream.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from .errors import DataError
 from .packing import PADDING_TASK, FirstFitRows, MaskMode, pack_documents
@@ -85,11 +91,27 @@ def token_stream(tokenizer: Any, texts: list[str]) -> list[int]:
 
 def split_heldout(texts: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Deterministic document-level split used when the recipe names no eval data."""
-    order = list(range(len(texts)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, int(len(texts) * fraction)) if len(texts) > 1 else 0
-    held = set(order[:n_eval])
+    held = heldout_indices(len(texts), fraction, seed)
     return [t for i, t in enumerate(texts) if i not in held], [t for i, t in enumerate(texts) if i in held]
+
+
+def heldout_indices(n_docs: int, fraction: float, seed: int) -> set[int]:
+    """The documents :func:`split_heldout` holds out of ``n_docs`` (the corpus cache leaves the
+    same ones out of its training windows)."""
+    order = list(range(n_docs))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(n_docs * fraction)) if n_docs > 1 else 0
+    return set(order[:n_eval])
+
+
+@runtime_checkable
+class DocumentWindows(Protocol):
+    """A token source whose windows respect document boundaries (``corpus.CorpusSampler``):
+    ``draw`` gives ``length`` tokens as whole documents / document chunks; ``len`` counts its tokens."""
+
+    def __len__(self) -> int: ...
+
+    def draw(self, length: int, rng: random.Random) -> list[list[int]]: ...
 
 
 @dataclass
@@ -168,7 +190,7 @@ class StageRows:
 
 
 def build_stage_rows(
-    stream: list[int],
+    stream: Sequence[int] | DocumentWindows,
     length: int,
     n_rows: int,
     *,
@@ -181,7 +203,9 @@ def build_stage_rows(
     pose_chunks: int = 2,
 ) -> StageRows:
     """``n_rows`` rows of ``length`` tokens: windows of the stream and, for ``passkey_share`` of
-    the rows, passkey examples.
+    the rows, passkey examples. A ``DocumentWindows`` source gives windows that respect
+    documents: padded rows hold its pieces back to back, packed rows restart position ids at
+    each piece (no attention across documents).
 
     Passkey examples are supervised on the answer only (a completion-style loss); the
     language-model windows on every token. Each passkey example asks for ``U[min(64, length),
@@ -220,18 +244,21 @@ def build_stage_rows(
                 hint="Set data.synthetic_passkey_share to 0, or start the schedule at a longer length.",
             )
 
-    def lm_window() -> list[int]:
+    def lm_pieces() -> list[list[int]]:
+        """One language-model row: a window of the stream, or a corpus window's document pieces."""
+        if isinstance(stream, DocumentWindows):
+            return stream.draw(length, rng)
         start = rng.randrange(0, len(stream) - length)
-        return stream[start : start + length]
+        return [stream[start : start + length]]
 
     passkey_example = _passkey_examples(passkey_builder, rng, min_pk, length)
     if pack:
-        return _packed_stage_rows(kinds, length, lm_window, passkey_example, pad_id)
+        return _packed_stage_rows(kinds, length, lm_pieces, passkey_example, pad_id)
 
     rows = StageRows([], [], [], [])
     for kind in kinds:
         if kind == TASK_LM:
-            window = lm_window()
+            window = list(chain.from_iterable(lm_pieces()))
             rows.input_ids.append(window)
             rows.labels.append(list(window))
             rows.attention_mask.append([1] * length)
@@ -280,10 +307,11 @@ def _passkey_examples(builder: Any, rng: random.Random, min_len: int, length: in
     return example
 
 
-def _packed_stage_rows(kinds: list[int], length: int, lm_window, passkey_example, pad_id: int) -> StageRows:
+def _packed_stage_rows(kinds: list[int], length: int, lm_pieces, passkey_example, pad_id: int) -> StageRows:
     """The packed layout of :func:`build_stage_rows` for the shuffled row kinds ``kinds``. All
     language-model windows are drawn first, then the passkey examples, so a seed's packed rows
-    hold other windows than its padded rows (both are fixed by the seed)."""
+    hold other windows than its padded rows (both are fixed by the seed). A window's document
+    pieces are separate examples of its row."""
     docs: list[list[int]] = []
     labels: list[list[int]] = []
     doc_tasks: list[int] = []
@@ -294,8 +322,8 @@ def _packed_stage_rows(kinds: list[int], length: int, lm_window, passkey_example
         doc_tasks.append(kind)
         return len(docs) - 1
 
-    # language-model windows are a full row each: one document per row
-    lm_docs = [add(w, list(w), TASK_LM) for w in (lm_window() for k in kinds if k == TASK_LM)]
+    # language-model windows are a full row each: its document pieces (a stream window: one)
+    lm_docs = [[add(p, list(p), TASK_LM) for p in pieces] for pieces in (lm_pieces() for k in kinds if k == TASK_LM)]
     # passkey rows: examples in the order drawn, first fit, until one fits in no row
     filler = FirstFitRows(sum(1 for k in kinds if k == TASK_PASSKEY), length)
     first_pk = len(docs)
@@ -304,7 +332,7 @@ def _packed_stage_rows(kinds: list[int], length: int, lm_window, passkey_example
         if filler.place(len(ids)) is None:
             break  # dropped: keeping only a prefix of the draws keeps their length distribution
         add(ids, labs, TASK_PASSKEY)
-    lm_rows = iter([[j] for j in lm_docs])
+    lm_rows = iter(lm_docs)
     pk_rows = iter([[first_pk + j for j in row] for row in filler.plan])
     plan = [next(lm_rows) if k == TASK_LM else next(pk_rows) for k in kinds]
     if not plan:

@@ -93,6 +93,18 @@ def _one_or_many_schema(schema: dict[str, Any]) -> None:
         schema["properties"][key] = {"anyOf": [{"type": "string"}, prop], **meta}
 
 
+class LongDocumentUpsamplingSection(_Strict):
+    """Per-source length upsampling (Fu et al. 2024, "Data Engineering for Scaling Language Models to 128K
+    Context"): within each training file, long documents are drawn more often, while each file keeps its
+    share of the training tokens. Uses the tokenized-corpus cache (see data.cache_dir)."""
+
+    enabled: bool = Field(False, description="upsample long documents in the training windows")
+    min_length: int | None = Field(None, gt=0, description="documents of at least this many tokens are long; "
+                                   "default: the stage's length")
+    factor: float = Field(3.0, ge=1, description="weight of a long document's tokens relative to the other "
+                          "tokens of its file (1: no upsampling)")
+
+
 class DataSection(_Strict):
     """Training text and held-out text."""
 
@@ -110,6 +122,15 @@ class DataSection(_Strict):
     )
     packing: bool = Field(False, description="pack the variable-length passkey examples several to a row "
                           "(position ids restart per example, no attention across them) instead of padding")
+    cache_dir: str | None = Field(
+        None, description="folder of the tokenized-corpus cache (relative: to the current directory). Training "
+        "then reads flat memory-mapped token arrays, tokenized once per (tokenizer, file bytes), with windows "
+        "that respect document boundaries. Unset, the cache is used only when a training input is larger than "
+        "64 MiB or long_document_upsampling is on, in <run.output_dir>/.cache/tokens; otherwise (e.g. the demo) "
+        "the corpus is tokenized in memory and windows are random slices of the joined documents")
+    num_proc: int | None = Field(None, ge=1, description="processes that tokenize the corpus into the cache; "
+                                 "default: min(4, CPU cores)")
+    long_document_upsampling: LongDocumentUpsamplingSection = Field(default_factory=LongDocumentUpsamplingSection)
 
     @field_validator("train", "eval", mode="before")
     @classmethod

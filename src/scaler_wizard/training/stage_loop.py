@@ -20,6 +20,7 @@ from typing import Any
 
 from ..context.methods import apply_to_model
 from ..context.schedule import Stage
+from ..corpus import CorpusSampler
 from ..data import build_stage_rows
 from ..distill.setup import mix_in_replay
 from ..errors import RunHalted
@@ -63,7 +64,7 @@ class LoopEnv:
     stages: list[Stage]
     base_length: int
     original_config: Any
-    train_stream: list[int]
+    train_stream: Any  # list[int], or a corpus.CorpusSampler (the tokenized-corpus cache)
     probe_ctx: Any
     writer: Any
     reporter: Any
@@ -318,7 +319,7 @@ class StageLoop:
         env, recipe = self.env, self.env.recipe
         pose = recipe.context.pose  # PoSE: base-length windows, positions skipping to the stage length
         rows = build_stage_rows(
-            env.train_stream,
+            self._stage_source(stage),
             env.base_length if pose else stage.length,
             stage.steps * self.rows_per_step,
             passkey_share=recipe.data.synthetic_passkey_share,
@@ -331,6 +332,22 @@ class StageLoop:
         )
         return mix_in_replay(recipe, rows, env.train_stream, env.base_length, env.tokenizer.pad_token_id,
                              seed=recipe.run.seed + 7 * stage.index + attempt_number, teacher=env.teacher)
+
+    def _stage_source(self, stage: Stage) -> Any:
+        """The stage's training tokens: with data.long_document_upsampling (only on the corpus
+        cache), the sampler reweighted for this stage's length, its mix logged per source."""
+        env, ups = self.env, self.env.recipe.data.long_document_upsampling
+        if not (ups.enabled and isinstance(env.train_stream, CorpusSampler)):
+            return env.train_stream
+        source, mix = env.train_stream.upsampled(ups.min_length or stage.length, ups.factor)
+        for name, m in mix.items():
+            tags = {"source": name, "min_length": ups.min_length or stage.length, "factor": ups.factor}
+            env.writer.log(self.pos.global_step, "data/source_token_share", m["token_share_after"], stage=stage.index,
+                           tags={**tags, "before": m["token_share_before"]})
+            env.writer.log(self.pos.global_step, "data/long_doc_share", m["long_doc_share_after"], stage=stage.index,
+                           tags={**tags, "before": m["long_doc_share_before"], "docs": m["docs"],
+                                 "long_docs": m["long_docs"]})
+        return source
 
     def _check_scope(self, stage: Stage, steps: int, tokens_per_step: int) -> None:
         """Before every attempt: the approval still stands and covers this stage's length, steps,
