@@ -23,7 +23,10 @@ One JSON line on stdout, the same object in bench/results/faults.json (faults_qu
   ``train/grad_norm`` per logged step, ``begin_stage`` per stage, as ``SafetyCallback`` does)
   over clean per-step series of real runs (false-positive rate), and over the same series with
   a loss spike (x3, x10 at one step; x3 for 3 steps in a row) injected at random steps
-  (detection rate and delay).
+  (detection rate and delay). Detection is reported over all injected spikes (every position in
+  the stage, the envelope's warm-up included) and over those after the warm-up, both at
+  ``logging_steps: 1`` and at the demo recipe's ``training.logging_steps`` (read from
+  recipes/demo.yaml; the envelope then sees each window's mean loss, ``headline_detection``).
 * **telemetry_truncation** -- real telemetry files (the reference run's metrics.jsonl, the NaN
   run's telegrams.jsonl) cut at every byte offset of their last 3 records: ``read_jsonl`` and
   ``JsonlTail`` must raise nothing, report no corrupt line and return exactly the complete
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import itertools
 import json
 import math
 import os
@@ -836,9 +840,36 @@ def _false_positives(series_by_name: dict[str, list], cfg) -> dict:
             "false_positive_rules": rules}
 
 
-def _inject_spikes(series_by_name: dict[str, list], cfg, *, seed: int, per_series: int, regimes) -> dict:
+def logged_series(series, every: int, scale: dict[int, float] | None = None):
+    """What the envelope observes at ``logging_steps = every`` from a series logged at every step:
+    per stage, windows of ``every`` consecutive steps; the Trainer logs at the window's last step
+    the mean loss of the window (``tr_loss`` averaged since the last log) and that step's grad
+    norm; a trailing partial window of a stage is not logged. ``scale`` multiplies the per-step
+    loss at given steps (the injected spikes) before averaging. Returns (observations in the
+    ``series`` format, {step: the step its window is logged at})."""
+    out, window_of = [], {}
+    stages: dict[int, list] = {}
+    for item in series:
+        stages.setdefault(item[0], []).append(item)
+    for stage, items in stages.items():
+        for w in range(len(items) // every):
+            chunk = items[w * every : (w + 1) * every]
+            losses = [v["train/loss"] * (scale.get(step, 1.0) if scale else 1.0) for _, step, v in chunk]
+            values = {"train/loss": sum(losses) / len(losses)}
+            if "train/grad_norm" in chunk[-1][2]:
+                values["train/grad_norm"] = chunk[-1][2]["train/grad_norm"]
+            out.append((stage, chunk[-1][1], values))
+            for _, step, _ in chunk:
+                window_of[step] = chunk[-1][1]
+    return out, window_of
+
+
+def _inject_spikes(series_by_name: dict[str, list], cfg, *, seed: int, per_series: int, regimes,
+                   every: int = 1) -> dict:
     """Spikes at random steps of each series (the same steps for every ``cfg``: same ``seed``),
-    each replayed alone; detected = a loss spike finding at one of the spiked steps."""
+    each replayed alone at ``logging_steps = every``; detected = a loss spike finding at a logged
+    step whose window holds one of the spiked steps. Positions in the stage and delays count
+    logged observations."""
     rng = random.Random(seed)
     results: dict[str, dict] = {}
     for label, factor, length in SPIKES:
@@ -847,29 +878,40 @@ def _inject_spikes(series_by_name: dict[str, list], cfg, *, seed: int, per_serie
         stop_delays: list[int] = []
         by_regime: dict[str, list[int]] = {}
         for series in series_by_name.values():
-            positions = []  # (step, index in its stage, stage)
+            _, window_of = logged_series(series, every)
+            logged = sorted(set(window_of.values()))
+            obs_index = {s: k for k, s in enumerate(logged)}
+            positions = []  # (step, index of its logged observation in its stage, stage)
             counts: dict[int, int] = {}
+            seen: set[int] = set()
             for stage, step, _ in series:
-                positions.append((step, counts.get(stage, 0), stage))
-                counts[stage] = counts.get(stage, 0) + 1
+                if step not in window_of:
+                    continue
+                log_step = window_of[step]
+                if log_step not in seen:
+                    seen.add(log_step)
+                    counts[stage] = counts.get(stage, 0) + 1
+                positions.append((step, counts[stage] - 1, stage))
             eligible = [(i, p) for i, p in enumerate(positions)
                         if i + length <= len(positions) and positions[i + length - 1][2] == p[2]]
             for i, (step, pos, _) in rng.sample(eligible, min(per_series, len(eligible))):
                 steps = [positions[i + j][0] for j in range(length)]
-                telegrams = replay(series, cfg, scale={s: factor for s in steps})
-                found = [s for s in _loss_finding_steps(telegrams) if s >= step]
-                stopped = [s for s in _loss_finding_steps(telegrams, "stop") if s >= step]
-                hit = bool(found) and found[0] <= steps[-1]
+                observed, _ = logged_series(series, every, scale={s: factor for s in steps})
+                telegrams = replay(observed, cfg)
+                first, last = window_of[steps[0]], window_of[steps[-1]]
+                found = [s for s in _loss_finding_steps(telegrams) if s >= first]
+                stopped = [s for s in _loss_finding_steps(telegrams, "stop") if s >= first]
+                hit = bool(found) and found[0] <= last
                 total += 1
                 det += hit
                 bucket = by_regime.setdefault(regimes(pos), [0, 0])
                 bucket[0] += hit
                 bucket[1] += 1
                 if hit:
-                    delays.append(sum(1 for s in positions[i:] if s[0] <= found[0]) - 1)  # in logged steps
-                if stopped and stopped[0] <= steps[-1]:
+                    delays.append(obs_index[found[0]] - obs_index[first])  # in logged observations
+                if stopped and stopped[0] <= last:
                     stop_det += 1
-                    stop_delays.append(sum(1 for s in positions[i:] if s[0] <= stopped[0]) - 1)
+                    stop_delays.append(obs_index[stopped[0]] - obs_index[first])
         warm = by_regime.get(regimes(10**9), [0, 0])
         results[label] = {
             "injected_after_warmup": warm[1],
@@ -884,6 +926,20 @@ def _inject_spikes(series_by_name: dict[str, list], cfg, *, seed: int, per_serie
             "by_position_in_stage": {k: {"detected": v[0], "injected": v[1]} for k, v in sorted(by_regime.items())},
         }
     return results
+
+
+def logging_interval(series) -> int:
+    """The most common step gap between consecutive logged steps of a stage (1: every step)."""
+    gaps = [b[1] - a[1] for a, b in itertools.pairwise(series) if a[0] == b[0]]
+    return statistics.mode(gaps) if gaps else 1
+
+
+def demo_logging_steps() -> int:
+    """``training.logging_steps`` of the demo recipe (src/scaler_wizard/recipes/demo.yaml)."""
+    import yaml
+
+    recipe = yaml.safe_load((SRC / "scaler_wizard" / "recipes" / "demo.yaml").read_text(encoding="utf-8"))
+    return int(recipe["training"]["logging_steps"])
 
 
 def bench_loss_spikes(series_by_name: dict[str, list], live_runs: list[Path], args: argparse.Namespace) -> dict:
@@ -921,13 +977,40 @@ def bench_loss_spikes(series_by_name: dict[str, list], live_runs: list[Path], ar
             "detection": {label: {"rate": r["detection_rate"], "by_position_in_stage": r["by_position_in_stage"]}
                           for label, r in inj.items()},
         }
+    injected = _inject_spikes(series_by_name, cfg, seed=seed, per_series=args.spikes_per_series, regimes=regimes)
+    # The demo recipe logs every `every` steps: the envelope then sees each window's mean loss
+    # (a one-step x3 spike in a window of 5 is a x1.4 mean) and counts its warm-up in logged
+    # observations, so spikes are replayed again as the demo would observe them.
+    every = demo_logging_steps()
+    # only series logged at every step can be re-windowed (a demo run's own series is already
+    # logged every `every` steps)
+    per_step = {name: series for name, series in series_by_name.items() if logging_interval(series) == 1}
+    demo_series = {name: logged_series(series, every)[0] for name, series in per_step.items()}
+    at_demo = {
+        "logging_steps": every, "source": "src/scaler_wizard/recipes/demo.yaml training.logging_steps",
+        "observations": {name: len(s) for name, s in demo_series.items()},
+        "series_not_logged_every_step": sorted(set(series_by_name) - set(per_step)),
+        **_false_positives(demo_series, cfg),
+        "injected": _inject_spikes(per_step, cfg, seed=seed, per_series=args.spikes_per_series,
+                                   regimes=regimes, every=every),
+    }
+
+    def rates(inj: dict) -> dict:
+        return {label: {"all_spikes": r["detection_rate"], "injected": r["injected"],
+                        "after_warmup": r["detection_rate_after_warmup"], "injected_after_warmup":
+                        r["injected_after_warmup"]} for label, r in inj.items()}
+
     return {
         "what": "SafetyEnvelope (recipe defaults) replayed over per-step train/loss + train/grad_norm of real runs",
         "series": {name: len(s) for name, s in series_by_name.items()},
+        # detection over ALL injected spikes (every position in the stage, the envelope's warm-up
+        # included) and only after the warm-up, at logging_steps 1 and at the demo's
+        "headline_detection": {"logging_steps=1": rates(injected), f"logging_steps={every} (demo)":
+                               rates(at_demo["injected"])},
         **_false_positives(series_by_name, cfg),
         "live_clean_runs": live,
-        "injected": _inject_spikes(series_by_name, cfg, seed=seed, per_series=args.spikes_per_series,
-                                   regimes=regimes),
+        "injected": injected,
+        "at_demo_logging_steps": at_demo,
         "alternatives": alternatives,
         "config": {"z_threshold": cfg.loss.z_threshold, "min_history": cfg.loss.min_history,
                    "max_ratio": cfg.loss.max_ratio, "ratio_min_history": cfg.loss.ratio_min_history,

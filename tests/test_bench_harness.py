@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from harness import MET, MISSED, NOT_RESOLVED, interleaved, ratio_summary, verdict  # noqa: E402
+from harness import MET, MISSED, NOT_RESOLVED, interleaved, ratio_summary, verdict
 
 
 def test_interleaved_discards_warmup_and_alternates():

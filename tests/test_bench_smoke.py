@@ -180,8 +180,67 @@ def test_faults_quick_runs_and_reports(tmp_path):
     spikes = result["loss_spikes"]
     assert spikes["clean_steps"] >= 24 and 0 <= spikes["false_positive_rate"] <= 1
     assert all(part["injected"] > 0 for part in spikes["injected"].values())
+    demo = spikes["at_demo_logging_steps"]
+    assert demo["logging_steps"] == 5 and sum(demo["observations"].values()) < spikes["clean_steps"]
+    head = spikes["headline_detection"]
+    assert set(head) == {"logging_steps=1", "logging_steps=5 (demo)"}
+    for rates in head.values():  # over all spikes, not only those after the envelope's warm-up
+        assert all(0 <= r["all_spikes"] <= 1 and r["injected"] > 0 for r in rates.values())
 
     assert result["raw_loop_kills"]["all_resumed_losses_equal"]
     assert all(b["detected"] == b["files_flipped"] > 0 for b in result["bitflips"].values())
     assert result["enospc"]["previous_snapshot_verifies"]
     assert all(met is not False for met in result["targets"].values()), result["targets"]
+
+
+# -- bench/preservation.py: none / replay / base over seeds ----------------------------------------
+
+
+def _preservation_module():
+    spec = importlib.util.spec_from_file_location("sw_bench_preservation", ROOT / "bench" / "preservation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_preservation_summary_over_seeds(seeds):
+    """The aggregation alone (no runs): median, mean +- std per mode, differences paired by seed."""
+    mod = _preservation_module()
+    rows = []
+    for k in range(seeds):
+        for mode, kl, pk in (("none", 0.03, 0.4), ("replay", 0.02, 0.4), ("base", 0.01, 0.5)):
+            row = {m: 1.0 + k for m in mod.METRICS}
+            row.update({"mode": mode, "seed": 1234 + k, "kl_to_base_per_token@256": kl * (1 + k), "passkey@1024": pk})
+            rows.append(row)
+    rows.append({"mode": "base", "seed": 99, "error": "boom"})  # a failed run is left out, not averaged
+    summary, derived = mod.summarise(rows)
+    assert set(summary) == {"none", "replay", "base"}
+    kl = summary["base"]["kl_to_base_per_token@256"]
+    assert summary["base"]["seeds"] == [1234 + k for k in range(seeds)] and kl["n"] == seeds
+    assert kl["mean"] == pytest.approx(sum(0.01 * (1 + k) for k in range(seeds)) / seeds)
+    assert (kl["std"] is None) == (seeds == 1) and ("+-" in kl["shown"]) == (seeds > 1)
+    assert derived["base_minus_none"]["kl_to_base_ratio"]["median"] == pytest.approx(1 / 3)
+    assert derived["base_minus_none"]["passkey_points"]["mean"] == pytest.approx(10.0)
+    assert derived["replay_minus_none"]["passkey_points"]["mean"] == pytest.approx(0.0)
+
+
+def test_preservation_quick(tmp_path):
+    """none / replay / base, one seed each, 2 steps per stage (~3 pipeline runs: 3-6 minutes)."""
+    out = tmp_path / "preservation_quick.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "preservation.py"), "--quick", "--output", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert json.loads(out.read_text()) == result and result["errors"] == 0, result["rows"]
+    assert result["seeds"] == [1234] and result["steps_per_stage"] == [2, 2]
+    assert set(result["summary"]) == {"none", "replay", "base"}
+    by = {r["mode"]: r for r in result["rows"]}
+    assert by["none"]["replay_ratio"] == 0 and by["none"]["kd_weight"] == 0
+    assert by["replay"]["replay_ratio"] == result["replay_ratio"] > 0 and by["replay"]["kd_weight"] == 0
+    assert by["base"]["kd_weight"] == result["kd_weight"] > 0 and by["base"]["replay_ratio"] == result["replay_ratio"]
+    for mode, row in by.items():
+        assert row["kl_to_base_per_token@256"] > 0 and 0 <= row["passkey@1024"] <= 1, mode
+        assert result["summary"][mode]["kl_to_base_per_token@256"]["n"] == 1
+    assert set(result["derived"]) == {"replay_minus_none", "base_minus_none"}
