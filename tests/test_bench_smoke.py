@@ -193,6 +193,32 @@ def test_faults_quick_runs_and_reports(tmp_path):
     assert all(met is not False for met in result["targets"].values()), result["targets"]
 
 
+# -- bench/telemetry_overhead.py --quick (issue 18): the overhead through the harness -------------
+
+
+def test_telemetry_overhead_quick(tmp_path):
+    out = tmp_path / "telemetry_quick.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "telemetry_overhead.py"), "--quick", "--output",
+                           str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["mode"] == "quick" and json.loads(out.read_text()) == result
+    for name in ("tiny", "demo"):
+        part = result["steps"][name]
+        assert part["repeats"] == 2 and part["warmup_rounds"] == 1 and len(part["load_before"]) == 3
+        for key in ("overhead_direct", "overhead_wall_ab", "overhead_at_demo_logging_steps"):
+            low, high = part[key]["ci95"]
+            assert low <= part[key]["ratio"] <= high and part[key]["verdict"] in VERDICTS
+            assert len(part[key]["numerator"]) == 2
+        assert 0 < part["telemetry_ms_per_step_median"] < part["step_ms_median"]
+        assert part["overhead_at_demo_logging_steps"]["logging_steps"] == 5
+        assert part["overhead_at_demo_logging_steps"]["ratio"] < part["overhead_direct"]["ratio"]
+        assert part["warn_telegrams"] >= 0
+    assert result["verdict"] == result["steps"]["demo"]["overhead_direct"]["verdict"]
+    assert result["events"] == 20_000 and result["sink_events_per_s"] > 0
+
+
 # -- bench/preservation.py: none / replay / base over seeds ----------------------------------------
 
 
