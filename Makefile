@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -e ".[dev,cockpit]"
+	$(PY) -m pip install --quiet -e ".[dev,cockpit,lm-eval]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -64,6 +64,7 @@ def check_inputs(recipe: Recipe, recipe_dir: Path, *, source: str, read_data: bo
     _collect(problems, "model.quantization", lambda: _check_quantization(recipe), errors)
     for name, message in _check_probe_files(recipe, recipe_dir):
         problems.append((name, message))
+    problems.extend(_check_lm_eval(recipe))
     texts = None
     if read_data:
         texts = _collect(problems, "data", lambda: read_texts(recipe, recipe_dir), errors)
@@ -199,6 +200,15 @@ def _check_probe_files(recipe: Recipe, recipe_dir: Path) -> list[tuple[str, str]
             problems.append((f"evaluation.custom[{i}].name",
                              f"unknown probe {spec.name!r}; available: {', '.join(sorted(known))}"))
     return problems
+
+
+def _check_lm_eval(recipe: Recipe) -> list[tuple[str, str]]:
+    """``evaluation.lm_eval``: lm-eval installed, its tasks known and offline (lm-eval's task index)."""
+    if recipe.evaluation.lm_eval is None:
+        return []
+    from .evaluation.lm_eval_probe import check_spec
+
+    return check_spec(recipe.evaluation.lm_eval, recipe.context.target_length)
 
 
 def _probe_names_in(file: Path) -> set[str]:

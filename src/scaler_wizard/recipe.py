@@ -274,6 +274,30 @@ class CustomProbeSection(_Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the probe class")
 
 
+class LmEvalSection(_Strict):
+    """lm-evaluation-harness tasks run in-process on the live model after each stage (needs the lm-eval
+    extra); figures lm_eval/<task>/<metric>@<length>. Offline only: RULER's niah_single_1,
+    niah_multikey_2, niah_multikey_3, ruler_cwe, ruler_fwe and ruler_vt generate their data locally."""
+
+    tasks: list[str] = Field(..., min_length=1, description="lm-eval task (or group) names, e.g. niah_single_1")
+    limit: int | None = Field(None, ge=1, description="examples per task and length; None: all")
+    lengths: list[Annotated[int, Field(gt=0)]] | None = Field(
+        None, description="lengths to evaluate at (the model's max_length there, and RULER's max_seq_lengths); "
+        "each stage evaluates those up to its own length; None: the stage's length")
+    batch_size: int = Field(1, ge=1, description="lm-eval's batch size")
+    min_scores: dict[str, float] = Field(
+        default_factory=dict, description="stage gate: '<task>/<metric>' (e.g. niah_single_1/score, "
+        "hellaswag/acc) -> minimum at every evaluated length")
+
+    @field_validator("min_scores")
+    @classmethod
+    def _task_slash_metric(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k in v if k.count("/") != 1 or not all(k.split("/"))]
+        if bad:
+            raise ValueError(f"keys must be '<task>/<metric>' (e.g. niah_single_1/score), not {', '.join(bad)}")
+        return v
+
+
 class EvaluationSection(_Strict):
     """Probes run on the base model and after each stage; their thresholds are the stage gates."""
 
@@ -287,6 +311,8 @@ class EvaluationSection(_Strict):
                                   "says so)")
     probe_memory_gb: float | None = Field(None, gt=0, description="memory budget of one probe forward; default: 70% "
                                           "of available RAM, or 90% of free GPU memory plus PyTorch's cache")
+    lm_eval: LmEvalSection | None = Field(None, description="lm-evaluation-harness tasks as stage probes and gates "
+                                          "(docs/evaluation.md)")
 
 
 class DistillationSection(_Strict):

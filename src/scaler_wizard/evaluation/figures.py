@@ -11,6 +11,7 @@ from typing import Any
 
 from ..context.schedule import Stage
 from ..recipe import Recipe
+from .lm_eval_probe import LM_EVAL_PROBE
 from .probes import (
     BUILTIN_PROBES,
     PasskeyProbe,
@@ -41,12 +42,15 @@ SUMMARY_NAMES: dict[tuple[str, str], str] = {
 
 def probe_figures(result: ProbeResult) -> Iterator[tuple[str, float]]:
     """(metric name without the length suffix, value) of one successful probe result; custom
-    probes contribute every numeric metric as ``probe/<name>/<key>``."""
+    probes contribute every numeric metric as ``probe/<name>/<key>``, lm-eval tasks
+    (``evaluation.lm_eval``) theirs as ``lm_eval/<task>/<metric>``."""
     if result.error:
         return
     for key, value in result.metrics.items():
         name = METRIC_NAMES.get((result.probe, key))
-        if name is None and result.probe not in BUILTIN_PROBES and isinstance(value, (int, float)):
+        if result.probe == LM_EVAL_PROBE:
+            name = f"{LM_EVAL_PROBE}/{key}"
+        elif name is None and result.probe not in BUILTIN_PROBES and isinstance(value, (int, float)):
             name = f"probe/{result.probe}/{key}"
         if name:
             yield name, value
@@ -58,13 +62,14 @@ def eval_metrics(results: list[ProbeResult]) -> dict[str, float]:
 
 
 def flatten_results(results: list[ProbeResult]) -> dict[str, float]:
-    """``{"perplexity@L", "bits_per_byte@L", "passkey@L", ...}`` for the summary (errors skipped)."""
+    """``{"perplexity@L", "bits_per_byte@L", "passkey@L", "lm_eval/<task>/<metric>@L", ...}`` for the
+    summary (errors skipped)."""
     out: dict[str, float] = {}
     for r in results:
         if r.error:
             continue
         for key, value in r.metrics.items():
-            short = SUMMARY_NAMES.get((r.probe, key))
+            short = f"{LM_EVAL_PROBE}/{key}" if r.probe == LM_EVAL_PROBE else SUMMARY_NAMES.get((r.probe, key))
             if short:
                 out[f"{short}@{r.length}"] = value
     return out

@@ -25,6 +25,7 @@ from ..data import build_stage_rows
 from ..distill.setup import mix_in_replay
 from ..errors import RunHalted
 from ..evaluation.figures import flatten_results, gate, log_probe_results, probe_at
+from ..evaluation.lm_eval_probe import LmEvalProbe, lm_eval_gate
 from ..evaluation.probes import ProbeResult, run_probe
 from ..recipe import Recipe
 from ..resume import RunPosition
@@ -106,6 +107,8 @@ class StageLoop:
             # training rows use the training wordings only: the probe's template stays unseen
             self.passkey_builder = MixedTemplateBuilder(env.tokenizer, env.tokenizer.bos_token_id)
         self.sharded = self._shard() if t.sharding == "fsdp2" and env.dist.enabled else None
+        lm_eval_spec = recipe.evaluation.lm_eval  # lm-eval tasks as probes: after each stage, gated
+        self.lm_eval = LmEvalProbe(lm_eval_spec, env.tokenizer) if lm_eval_spec is not None else None
 
     # ----------------------------------------------------------------------------- the loop
     def run(self) -> LoopResult:
@@ -165,7 +168,7 @@ class StageLoop:
                 self._retry_from_stage_start(stage, attempt, safety.stop_reason, count_rollback=True)
                 continue
             results = self._probe(stage)
-            failed = gate(stage, results, env.base_ppl)
+            failed = gate(stage, results, env.base_ppl) + lm_eval_gate(results, env.recipe.evaluation.lm_eval)
             telegram = env.guards.observe_eval(pos.global_step, stage.index, results)
             if telegram.action == "stop":
                 reasons = "; ".join(telegram.reasons)
@@ -368,6 +371,8 @@ class StageLoop:
         env.reporter.phase(f"stage {stage.index}/{len(env.stages)}: probing at {stage.length} tokens")
         results = probe_at(env.model, stage.length, env.probe_ctx, env.recipe, with_short=True)
         results += [run_probe(p, env.model, stage.length, env.probe_ctx) for p in env.custom_probes]
+        if self.lm_eval is not None:
+            results += self.lm_eval.run(env.model, stage.length)
         log_probe_results(env.writer, self.pos.global_step, results, stage.index, "")
         return results
 
