@@ -44,7 +44,9 @@ process-level warm-up: allocator, kernel selection, page cache).
 3. **Distillation**: our ``base`` teacher (``BaseModelTeacher``: the student's own weights with
    the adapters disabled, no second copy) with the chunked generalised-JSD loss vs TRL's
    ``GKDTrainer`` with a separately built teacher (a second copy of the base weights), both
-   off-policy (``lmbda=0``), JSD beta 0.5, temperature 1, loss = KD only. Tokens/s on the demo
+   off-policy (``lmbda=0``), JSD beta 0.5, temperature 1, loss = KD only, gradient checkpointing
+   off on both sides (TRL's configs default it to on; earlier figures had GKD recomputing its
+   activations while ours did not). Tokens/s on the demo
    config (target >= 1.0); peak RSS of one step at the large vocabulary (target <= 0.6). Skipped
    with a note when ``trl`` is not installed (``pip install -e .[bench]``).
 4. **MFU** (PaLM, Chowdhery et al. 2022, appendix B): achieved model FLOP/s / peak FLOP/s.
@@ -71,7 +73,8 @@ process-level warm-up: allocator, kernel selection, page cache).
    does, and the JSON says so. One run per side (peak RSS barely varies; minutes per step).
 
     python bench/perf.py --quick                 # smoke mode, every default section, ~2-3 minutes
-    python bench/perf.py                         # full mode (~30 minutes on 2 cores at 1 thread)
+    python bench/perf.py                         # full mode (~20 min on 2 cores at 1 thread; ~30 with trl)
+    python bench/perf.py --sections throughput --seq 1024   # the variable-length figure at the demo target
     python bench/perf.py --sections throughput   # a subset (results/perf_partial.json)
     python bench/perf.py --sections llama1b      # the 1B-shaped memory comparison (results/perf_llama1b.json)
 
@@ -130,9 +133,9 @@ MODES = {
               "mem_repeats": 1, "mem_vocab": 32768, "mem_seq": 1024, "distill_mem_seq": 128,
               "matmul_sizes": [256, 512], "matmul_reps": 3, "m100": None,
               "llama1b": {"spec": LLAMA_1B_QUICK, "seq": 512, "steps": 1}},
-    # full: fixed rows 4 steps of 4 x 512 tokens; 32 documents of 64..512 tokens (8 stock batches);
+    # full: fixed rows 4 steps of 4 x 512 tokens; 64 documents of 64..512 tokens (16 stock batches);
     # memory at 4096 tokens; the ~100M config 4 steps of one 512-token row, 3 runs
-    "full": {"seq": 512, "batch": 4, "fixed_steps": 4, "docs": 32, "repeats": 5, "warmup": 1,
+    "full": {"seq": 512, "batch": 4, "fixed_steps": 4, "docs": 64, "repeats": 5, "warmup": 1,
              "mem_repeats": 5, "mem_vocab": 128256, "mem_seq": 4096, "distill_mem_seq": 1024,
              "matmul_sizes": [512, 1024, 2048, 3072], "matmul_reps": 4,
              "m100": {"seq": 512, "batch": 1, "steps": 4, "repeats": 3},
@@ -297,15 +300,20 @@ def _training_args(kind: str, workdir: Path, run: dict):
         "use_cpu": True, "seed": 0, "data_seed": 0,
         "train_sampling_strategy": run.get("sampling", "random"),
     }
+    # Set explicitly on every side: TRL's configs (GKDConfig) default gradient checkpointing to True,
+    # the stock Trainer and ours to False; both sides of a comparison must match.
+    from transformers import TrainingArguments
+
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+        else "gradient_checkpointing"
+    common[ckpt] = bool(run.get("grad_ckpt"))
     if run.get("grad_ckpt"):
-        common.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+        common[f"{ckpt}_kwargs"] = {"use_reentrant": False}
     if kind == "gkd":
         GKDConfig = load_gkd()[1]
         # lmbda=0: never generate (off-policy), seq_kd off: KD on the given sequences, like ours
         return GKDConfig(**common, lmbda=0.0, seq_kd=False, beta=DISTILL["beta"],
                          temperature=DISTILL["temperature"], bf16=False)
-    from transformers import TrainingArguments
-
     return TrainingArguments(**common)
 
 
@@ -828,9 +836,11 @@ def main() -> None:
                     "machine; the matmul peak of the MFU is measured at the same count)")
     ap.add_argument("--repeats", type=int, default=None, help="kept interleaved rounds per A/B (full default 5)")
     ap.add_argument("--warmup", type=int, default=None, help="discarded warm-up rounds per A/B (default 1)")
+    ap.add_argument("--seq", type=int, default=None, help="row length of the throughput/distill runs (full 512)")
+    ap.add_argument("--batch", type=int, default=None, help="rows (stock: documents) per step (full 4)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per fixed-row run (full default 4)")
     ap.add_argument("--docs", type=int, default=None,
-                    help="variable-length documents per run, one pass (full default 32 = 8 stock batches)")
+                    help="variable-length documents per run, one pass (full default 64 = 16 stock batches)")
     ap.add_argument("--memory-repeats", type=int, default=None, help="fresh processes per side for peak RSS (full 5)")
     ap.add_argument("--m100-repeats", type=int, default=None, help="kept runs of the ~100M config's MFU (full 3)")
     ap.add_argument("--llama1b-seq", type=int, default=None, help="tokens of the 1B-shaped step (default 4096)")
@@ -863,7 +873,7 @@ def main() -> None:
     name = "quick" if args.quick else "full"
     mode = copy.deepcopy(MODES[name])
     for flag, key in (("repeats", "repeats"), ("warmup", "warmup"), ("steps", "fixed_steps"), ("docs", "docs"),
-                      ("memory_repeats", "mem_repeats")):
+                      ("memory_repeats", "mem_repeats"), ("seq", "seq"), ("batch", "batch")):
         if getattr(args, flag) is not None:
             mode[key] = getattr(args, flag)
     if args.m100_repeats is not None and mode["m100"]:
