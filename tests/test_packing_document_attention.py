@@ -58,3 +58,22 @@ def test_peft_model_and_sliding_window_refused():
     sliding.config.sliding_window = 8
     with pytest.raises(DataError, match="full-attention"):
         enable_document_attention(sliding)
+
+
+def test_training_context_switches_only_packed_sdpa_models_and_restores():
+    from scaler_wizard.packing import document_attention_for_training
+
+    model = _tiny_llama()
+    model.set_attn_implementation("sdpa")
+    with document_attention_for_training(model, packed=True) as switched:
+        assert switched and model.config._attn_implementation == DOCUMENT_ATTENTION
+    assert model.config._attn_implementation == "sdpa"  # probes and the export see stock attention
+    with document_attention_for_training(model, packed=False) as switched:
+        assert not switched and model.config._attn_implementation == "sdpa"
+    model.set_attn_implementation("eager")
+    with document_attention_for_training(model, packed=True) as switched:
+        assert not switched and model.config._attn_implementation == "eager"
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(RuntimeError), document_attention_for_training(model, packed=True):
+        raise RuntimeError("a failed stage")
+    assert model.config._attn_implementation == "sdpa"

@@ -27,6 +27,7 @@ from ..errors import RunHalted
 from ..evaluation.figures import flatten_results, gate, log_probe_results, probe_at
 from ..evaluation.lm_eval_probe import LmEvalProbe, lm_eval_gate
 from ..evaluation.probes import ProbeResult, run_probe
+from ..packing import document_attention_for_training
 from ..recipe import Recipe
 from ..resume import RunPosition
 from ..run_record import StageOutcome, mark_phase
@@ -300,11 +301,13 @@ class StageLoop:
         # a resumed attempt has done pos.stage_step of its steps already (charged before the kill)
         self._check_scope(stage, stage.steps - (pos.stage_step if resume_from is not None else 0), tokens_per_step)
         env.reporter.start_training(stage, stage.steps)
-        trainer = train_stage(env.model, rows, recipe, stage.steps, env.run_dir / ".trainer",
-                              recipe.run.seed + stage.index + 100 * attempt.number,
-                              [budget, telemetry, safety, snapshots],
-                              learning_rate=pos.learning_rate, teacher=env.teacher, distill=env.distill_config,
-                              side_metrics=side, resume=resume_from, optimizers=self._run_optimizers())
+        # packed rows: causal attention per document, no dense block mask (packing.py)
+        with document_attention_for_training(env.model, recipe.data.packing and self.sharded is None):
+            trainer = train_stage(env.model, rows, recipe, stage.steps, env.run_dir / ".trainer",
+                                  recipe.run.seed + stage.index + 100 * attempt.number,
+                                  [budget, telemetry, safety, snapshots],
+                                  learning_rate=pos.learning_rate, teacher=env.teacher, distill=env.distill_config,
+                                  side_metrics=side, resume=resume_from, optimizers=self._run_optimizers())
         env.reporter.end_training()
         done = trainer.state.global_step  # a resumed attempt counts the steps before the snapshot too
         pos.global_step = start_step + done
