@@ -38,7 +38,6 @@ Prints one JSON line and writes bench/results/telemetry_overhead.json (telemetry
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -59,15 +58,8 @@ SIZES = {
 }
 
 
-def _load_harness():
-    spec = importlib.util.spec_from_file_location("sw_bench_harness", Path(__file__).resolve().parent / "harness.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-H = _load_harness()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness as H
 
 
 def _free_port() -> int:
