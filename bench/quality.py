@@ -9,9 +9,9 @@ in a fresh subprocess (its own peak RSS), self-approved, with one override:
   embeddings (LongLoRA, Chen et al. 2023: PEFT ``modules_to_save``), at the demo's step budget;
 * ``yarn`` / ``linear`` / ``ntk``: the position-encoding method at the demo's step budget.
 
-Full fine-tuning is not a pipeline strategy (the base teacher is the base model with its
-adapters switched off, so full fine-tuning would need a second copy of the weights); its
-equal-budget figure comes from ``bench/quality_lab.py`` (``pose_full``).
+* ``full`` / ``full_lr5e-5``: full fine-tuning (``scaling.strategy: full``) at the demo's step
+  budget, at the demo's learning rate and at a quarter of it; its teacher is the base model
+  folder (``distillation.teacher: model``), since the base teacher would need a second copy.
 
 Figures per run, read from its ``summary.json``: verdict, the length reached, passkey at 1024 on
 the probe's template (mean and worst depth) and on the held-out template, passkey at 256 before
@@ -19,7 +19,7 @@ and after, perplexity at 1024 against the base at 256, the short-context (256) p
 wall time and peak RSS.
 
     OMP_NUM_THREADS=2 python bench/quality.py --configs seed1234 seed1235 seed1236
-    python bench/quality.py --configs lora lora_norms_emb yarn linear ntk
+    python bench/quality.py --configs lora lora_norms_emb yarn linear ntk full full_lr5e-5
 Results: bench/results/quality.json (every run appended by configuration name; the table of
 means ± std over the ``seed*`` runs is printed and stored under ``"demo_over_seeds"``).
 """
@@ -46,6 +46,13 @@ CONFIGS = {
     "yarn": {},
     "linear": {"context.method": "linear", "context.method_params": {}},
     "ntk": {"context.method": "ntk", "context.method_params": {}},
+    # full fine-tuning at the demo's budget: the base teacher would be a second copy of the
+    # weights, so the teacher is the base model folder itself (distillation.teacher: model)
+    "full": {"scaling.strategy": "full", "distillation.teacher": "model",
+             "distillation.teacher_path": str(ROOT / "src" / "scaler_wizard" / "assets" / "demo_model")},
+    "full_lr5e-5": {"scaling.strategy": "full", "distillation.teacher": "model",
+                    "distillation.teacher_path": str(ROOT / "src" / "scaler_wizard" / "assets" / "demo_model"),
+                    "training.learning_rate": 5e-5},
 }
 
 
@@ -101,6 +108,10 @@ def figures(name: str, s: dict, seconds: float) -> dict:
         "total_steps": s.get("total_steps"),
         "wall_time_s": round(seconds, 1),
         "peak_rss_gb": s.get("peak_rss_gb"),
+        # which gate ended each stage attempt: the "why" of a gates_failed verdict
+        "stages": [{"length": st.get("length"), "steps": st.get("steps_trained"), "decision": st.get("decision"),
+                    "failed_checks": st.get("failed_checks")}
+                   for st in (s.get("stages") or []) if isinstance(st, dict)],
     }
 
 

@@ -54,5 +54,5 @@ def test_scoring_counts_exact_matches_only(tiny_tokenizer):
     ctx = ProbeContext(tokenizer=tiny_tokenizer, heldout_stream=[], base_length=64)
     good = PasskeyProbe(trials=6, depths=[0.0, 0.5, 1.0]).run(Oracle(False), 160, ctx)
     bad = PasskeyProbe(trials=6, depths=[0.0, 0.5, 1.0]).run(Oracle(True), 160, ctx)
-    assert good.metrics["accuracy"] == 1.0
-    assert bad.metrics["accuracy"] == 0.0
+    assert good.metrics["accuracy"] == good.metrics["accuracy_worst_depth"] == 1.0
+    assert bad.metrics["accuracy"] == bad.metrics["accuracy_worst_depth"] == 0.0

@@ -164,6 +164,45 @@ def test_lora_bad_options_name_the_field():
 
 
 # ------------------------------------------------------------------------------------------
+# full fine-tuning
+# ------------------------------------------------------------------------------------------
+
+
+def test_full_finetune_trains_every_weight_and_the_plan_counts_them(tmp_path):
+    strat = st.get_strategy("full")
+    model = strat.prepare(tiny_model(), {}).train()
+    dims = ModelDims.from_config(tiny_config())
+    assert n_trainable(model) == sum(p.numel() for p in model.parameters())
+    assert trainable_params(dims, strat.plan(dims, {})) == dims.n_params()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = ids()
+    loss = model(x, labels=x).loss
+    loss.backward()
+    opt.step()
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert "model.embed_tokens.weight" in changed and "model.norm.weight" in changed
+    assert any("layers.0.self_attn.q_proj" in n for n in changed)
+    out = export(model.eval(), tmp_path / "full")
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, model(x).logits, rtol=0, atol=1e-5)
+
+
+def test_full_finetune_has_no_options_and_no_base_teacher():
+    from scaler_wizard.recipe import Recipe
+
+    with pytest.raises(PlanError, match="rank"):
+        st.get_strategy("full").plan(ModelDims.from_config(tiny_config()), {"rank": 4})
+    recipe = {"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "context": {"target_length": 1024},
+              "scaling": {"strategy": "full"}, "distillation": {"enabled": True, "teacher": "base"}}
+    with pytest.raises(ValueError, match="teacher_path"):
+        Recipe.model_validate(recipe)
+    recipe["distillation"] = {"enabled": True, "teacher": "model", "teacher_path": "base_model"}
+    assert Recipe.model_validate(recipe).scaling.strategy == "full"
+
+
+# ------------------------------------------------------------------------------------------
 # registry and entry points
 # ------------------------------------------------------------------------------------------
 

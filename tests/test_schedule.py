@@ -33,3 +33,18 @@ def test_stages_carry_budget_and_checks():
     assert {c.probe for c in stages[0].checks} == {"passkey", "perplexity", "short_context"}
     with pytest.raises(PlanError, match="budgets"):
         build_stages(256, 1024, "yarn", {}, [10], passkey_min=0.8)
+
+
+def test_worst_depth_gate_fails_a_model_that_retrieves_only_near_the_ends():
+    """min_depth_accuracy gates the worst depth: a mean above min_accuracy is not enough."""
+    from scaler_wizard.evaluation.figures import gate
+    from scaler_wizard.evaluation.probes import ProbeResult
+
+    (stage,) = build_stages(256, 512, "yarn", {}, 10, passkey_min=0.8, passkey_min_depth=0.8)
+    assert [c.metric for c in stage.checks] == ["", "accuracy_worst_depth"]
+    ends_only = ProbeResult("passkey", 512, {"accuracy": 0.9, "accuracy_worst_depth": 0.5})
+    assert gate(stage, [ends_only], None) == ["passkey worst-depth accuracy @512 = 0.500 (needs >= 0.8)"]
+    everywhere = ProbeResult("passkey", 512, {"accuracy": 0.9, "accuracy_worst_depth": 0.8})
+    assert gate(stage, [everywhere], None) == []
+    (ungated,) = build_stages(256, 512, "yarn", {}, 10, passkey_min=0.8)
+    assert gate(ungated, [ends_only], None) == []

@@ -127,6 +127,7 @@ def _plan_stages(recipe: Recipe, base_length: int) -> list[Any]:
         recipe.training.steps_per_stage,
         schedule=recipe.context.schedule,
         passkey_min=ev.passkey.min_accuracy if ev.passkey.enabled else None,
+        passkey_min_depth=ev.passkey.min_depth_accuracy if ev.passkey.enabled else None,
         ppl_max_ratio=ev.perplexity.max_ratio_to_base if ev.perplexity.enabled else None,
         short_max_regression_pct=ev.short_context.max_regression_pct if ev.short_context.enabled else None,
     )

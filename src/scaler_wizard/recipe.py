@@ -165,7 +165,7 @@ class BlockExpansionSection(_Strict):
 class ScalingSection(_Strict):
     """How the model gains trainable capacity."""
 
-    strategy: str = Field("lora", description="lora | block_expansion | a plugin strategy (entry points)")
+    strategy: str = Field("lora", description="lora | block_expansion | full | a plugin strategy (entry points)")
     lora: LoraSection = Field(default_factory=LoraSection)
     block_expansion: BlockExpansionSection = Field(default_factory=BlockExpansionSection)
     options: dict[str, Any] = Field(default_factory=dict, description="options of a plugin strategy")
@@ -246,6 +246,9 @@ class PasskeyProbeSection(_Strict):
                                 description="where the passkey sits, as a fraction of the context (0: start, 1: end)")
     seed: int = Field(4242, description="seed of the trials: the same trials at every stage")
     min_accuracy: float = Field(0.8, ge=0, le=1, description="stage gate")
+    min_depth_accuracy: float | None = Field(
+        None, ge=0, le=1, description="stage gate on the worst depth's accuracy (a model that retrieves "
+        "only near the ends of its window can still average above min_accuracy); null: not gated")
     heldout_template: bool = Field(True, description="also score a held-out needle wording that no training row "
                                    "and no gate uses (reported as passkey_heldout_template, not gated)")
 
@@ -383,6 +386,12 @@ class Recipe(_Strict):
         if ctx.pose and self.data.packing:
             raise ValueError("context.pose and data.packing cannot be combined: PoSE rows keep one base-length "
                              "window per row with skipping position ids; set one of them to false")
+        if self.scaling.strategy == "full" and self.distillation.enabled and self.distillation.teacher == "base":
+            # the base teacher is the student with its new capacity switched off (no second copy
+            # of the weights); full fine-tuning leaves nothing of the base to switch back to
+            raise ValueError("distillation.teacher 'base' cannot be used with scaling.strategy 'full': set "
+                             "distillation.teacher: model and distillation.teacher_path to the base model folder "
+                             "(or teacher: offline, or distillation.enabled: false)")
         return self
 
     def digest(self) -> str:

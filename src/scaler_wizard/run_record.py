@@ -270,6 +270,7 @@ def gate_thresholds(recipe: Any, base_ppl: float | None) -> dict[str, float | No
     ev = recipe.evaluation
     return {
         "passkey_min_accuracy": ev.passkey.min_accuracy if ev.passkey.enabled else None,
+        "passkey_min_depth_accuracy": ev.passkey.min_depth_accuracy if ev.passkey.enabled else None,
         "perplexity_max": base_ppl * ev.perplexity.max_ratio_to_base if base_ppl and ev.perplexity.enabled else None,
     }
 

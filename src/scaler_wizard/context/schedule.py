@@ -22,6 +22,7 @@ class ProbeCheck:
     threshold: float
     comparison: str  # ">=" or "<="
     description: str
+    metric: str = ""  # the probe metric compared; "" = the probe's headline figure
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ def build_stages(
     *,
     schedule: list[int] | None = None,
     passkey_min: float | None = None,
+    passkey_min_depth: float | None = None,
     ppl_max_ratio: float | None = None,
     short_max_regression_pct: float | None = None,
 ) -> list[Stage]:
@@ -91,6 +93,9 @@ def build_stages(
         checks = []
         if passkey_min is not None:
             checks.append(ProbeCheck("passkey", length, passkey_min, ">=", f"passkey accuracy @{length}"))
+        if passkey_min_depth is not None:
+            checks.append(ProbeCheck("passkey", length, passkey_min_depth, ">=",
+                                     f"passkey worst-depth accuracy @{length}", metric="accuracy_worst_depth"))
         if ppl_max_ratio is not None:
             checks.append(
                 ProbeCheck("perplexity", length, ppl_max_ratio, "<=", f"ppl @{length} / base ppl @{base}")

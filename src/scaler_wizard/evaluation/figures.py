@@ -111,7 +111,7 @@ def gate(stage: Stage, results: list[ProbeResult], base_ppl: float | None) -> li
             failed.append(f"{check.description}: probe error ({r.error})")
             continue
         if check.probe == "passkey":
-            value = r.metrics["accuracy"]
+            value = r.metrics[check.metric or "accuracy"]
         elif check.probe == "perplexity":
             value = r.metrics["perplexity"] / base_ppl if base_ppl else float("inf")
         else:

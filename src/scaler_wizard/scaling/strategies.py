@@ -10,7 +10,10 @@ A strategy is any object satisfying :class:`ScalerStrategy`. Built in:
   its residual connections and the model's output is unchanged at insertion. The old blocks are
   frozen; only the new ones train (optionally with the norms and embeddings). The result is a
   plain, larger Hugging Face model (``num_hidden_layers`` increased, ``layer_idx`` renumbered)
-  that loads with ``transformers`` alone.
+  that loads with ``transformers`` alone;
+* ``full`` -- full fine-tuning: every weight trains (no new capacity; the baseline a LoRA or
+  LongLoRA run is measured against). Its base teacher would need a second copy of the weights,
+  so knowledge preservation takes ``distillation.teacher: model`` (or ``offline``).
 
 Strategies live in :data:`STRATEGIES` (a :class:`scaler_wizard.registry.Registry`).
 Third-party strategies register with :func:`register_strategy` or through the entry-point group
@@ -307,8 +310,38 @@ class BlockExpansionStrategy:
         return model
 
 
+# ------------------------------------------------------------------------------------------
+# full
+# ------------------------------------------------------------------------------------------
+
+
+class FullFineTuneOptions(BaseModel):
+    """Full fine-tuning has no options of its own (``scaling.options`` must be empty)."""
+
+    model_config = {"extra": "forbid"}
+
+
+class FullFineTuneStrategy:
+    name = "full"
+    description = "full fine-tuning: every weight trains (the baseline LoRA is measured against)"
+
+    def options(self, options: Mapping[str, Any]) -> FullFineTuneOptions:
+        return _validate(FullFineTuneOptions, options, self.name)
+
+    def plan(self, dims: ModelDims, options: Mapping[str, Any]) -> StrategyPlan:
+        self.options(options)
+        return StrategyPlan(strategy="full", train_norms=True, train_embeddings=True)
+
+    def prepare(self, model: Any, options: Mapping[str, Any]) -> Any:
+        self.options(options)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+
 register_strategy(LoraStrategy())
 register_strategy(BlockExpansionStrategy())
+register_strategy(FullFineTuneStrategy())
 
 
 # ------------------------------------------------------------------------------------------
