@@ -113,3 +113,25 @@ def test_shipped_demo_recipe_runs_on_the_embedded_model(tmp_path):
         assert s["stages"][-1]["decision"] == "stop" and s["stages"][-1]["steps_trained"] == 2
         assert cfg["max_position_embeddings"] == s["reached_length"]
         assert json.loads((result.run_dir / "status.json").read_text())["state"] == "completed_gates_failed"
+
+
+def test_full_finetuning_through_the_pipeline_with_the_base_folder_as_teacher(tmp_path, tiny_tokenizer):
+    """strategy full: every weight changes, the teacher is the base folder (teacher: model), the
+    KD term is logged, and the export is the trained model with the scaled position encoding."""
+    from safetensors.torch import load_file
+
+    model_dir = save_tiny_model(tmp_path / "m", "llama", tiny_tokenizer)
+    recipe = write_recipe(tmp_path / "r.yaml", model_dir, tmp_path / "runs", scaling__strategy="full",
+                          distillation__enabled=True, distillation__teacher="model",
+                          distillation__teacher_path=str(model_dir), distillation__kd_weight=0.5)
+    result = run(recipe, self_approve=True)
+    d = result.run_dir
+    assert json.loads((d / "status.json").read_text())["state"] == "completed"
+    assert not (d / "adapter").exists()
+    before, after = load_file(model_dir / "model.safetensors"), load_file(d / "model" / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "model.embed_tokens.weight" in changed and "model.norm.weight" in changed
+    assert any("layers.1.mlp.down_proj" in k for k in changed)
+    assert json.loads((d / "model/config.json").read_text())["rope_parameters"]["rope_type"] == "yarn"
+    names = {json.loads(line)["metric"] for line in (d / "metrics.jsonl").read_text().splitlines()}
+    assert "train/loss/kd" in names
