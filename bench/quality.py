@@ -7,7 +7,9 @@ in a fresh subprocess (its own peak RSS), self-approved, with one override:
   over seeds);
 * ``lora`` / ``lora_norms_emb``: the adapters alone vs adapters plus trainable norms and input
   embeddings (LongLoRA, Chen et al. 2023: PEFT ``modules_to_save``), at the demo's step budget;
-* ``yarn`` / ``linear`` / ``ntk``: the position-encoding method at the demo's step budget.
+* ``yarn`` / ``linear`` / ``ntk``: the position-encoding method at the demo's step budget;
+* ``lora_r64`` / ``lora_lr5e-4`` / ``lora_r64_lne_lr5e-4``: LoRA with 4x the rank, or 2.5x the
+  learning rate, or both with trainable norms and embeddings;
 
 * ``full`` / ``full_lr5e-5``: full fine-tuning (``scaling.strategy: full``) at the demo's step
   budget, at the demo's learning rate and at a quarter of it; its teacher is the base model
@@ -46,6 +48,19 @@ CONFIGS = {
     "yarn": {},
     "linear": {"context.method": "linear", "context.method_params": {}},
     "ntk": {"context.method": "ntk", "context.method_params": {}},
+    # more LoRA capacity or a larger step at the same budget: does LoRA close the gap to full
+    # fine-tuning on the held-out needle wording?
+    "lora_r64": {"scaling.lora.rank": 64, "scaling.lora.alpha": 128},
+    "lora_lr5e-4": {"training.learning_rate": 5e-4},
+    "lora_lne_lr5e-4": {"training.learning_rate": 5e-4,
+                        "scaling.lora.modules_to_save": ["embed_tokens", "input_layernorm",
+                                                         "post_attention_layernorm", "norm"]},
+    "lora_r32_lne_lr5e-4": {"scaling.lora.rank": 32, "scaling.lora.alpha": 64, "training.learning_rate": 5e-4,
+                            "scaling.lora.modules_to_save": ["embed_tokens", "input_layernorm",
+                                                             "post_attention_layernorm", "norm"]},
+    "lora_r64_lne_lr5e-4": {"scaling.lora.rank": 64, "scaling.lora.alpha": 128, "training.learning_rate": 5e-4,
+                            "scaling.lora.modules_to_save": ["embed_tokens", "input_layernorm",
+                                                             "post_attention_layernorm", "norm"]},
     # full fine-tuning at the demo's budget: the base teacher would be a second copy of the
     # weights, so the teacher is the base model folder itself (distillation.teacher: model)
     "full": {"scaling.strategy": "full", "distillation.teacher": "model",
