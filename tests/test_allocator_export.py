@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from scaler_wizard import allocator
+from scaler_wizard.errors import ExportError
 from scaler_wizard.models import EXPORT_CHECK_POSITIONS, _logits_at, export_merged
 from scaler_wizard.scaling.memory import MemoryRequest, estimate_memory
 
@@ -47,10 +49,11 @@ def test_export_check_covers_the_window_and_catches_a_wrong_position_encoding(tm
         real_save(self, path, **kw)
 
     monkeypatch.setattr(LlamaForCausalLM, "save_pretrained", lossy_save)
-    bad = export_merged(_tiny(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
-                                                "original_max_position_embeddings": 64}),
-                        _Tok(), tmp_path / "model2", stream, 256, "float32")
-    assert bad["max_abs_logit_diff"] > 1e-3
+    with pytest.raises(ExportError, match="differs from the trained model"):
+        export_merged(_tiny(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                             "original_max_position_embeddings": 64}),
+                      _Tok(), tmp_path / "model2", stream, 256, "float32")
+    assert not (tmp_path / "model2").exists()  # never published
 
 
 def test_planner_counts_the_export_reload():

@@ -268,3 +268,25 @@ def test_third_party_strategy_found_through_its_entry_point(monkeypatch):
         monkeypatch.undo()
         st.load_plugins(reload=True)
     assert "demo_bias_only" not in st.available_strategies()
+
+
+@pytest.mark.parametrize("save_dtype", ["float32", "bfloat16"])
+def test_an_export_that_does_not_reproduce_the_trained_model_is_refused(tmp_path, monkeypatch, save_dtype):
+    """The reload check acts: a saved model that computes something else is never published."""
+    import transformers
+
+    from scaler_wizard.errors import ExportError
+
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def reload_wrong(*args, **kwargs):
+        model = real(*args, **kwargs)
+        with torch.no_grad():
+            model.lm_head.weight.copy_(torch.randn_like(model.lm_head.weight))  # e.g. a head re-tied wrongly
+        return model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", reload_wrong)
+    out = tmp_path / "model"
+    with pytest.raises(ExportError, match="differs from the trained model"):
+        export_merged(tiny_model(), _NoTokenizer(), out, ids(16)[0].tolist(), 16, save_dtype)
+    assert not out.exists() and not (tmp_path / "model.partial").exists()

@@ -17,6 +17,7 @@ the CLI boundary, which maps each family to an exit code and a one-paragraph mes
     │   ├── SnapshotCommitError                a commit failed cleanly (e.g. disk full); older snapshots intact
     │   └── SnapshotCorruptError               a snapshot does not verify
     ├── StateFormatError                       (cache/state.py) stored training state unreadable
+    ├── ExportError                            the saved model does not reproduce the trained one (not published)
     ├── PluginError                   exit 2   a registered plugin is malformed or failed to load
     ├── ContractError                 exit 3   no valid human contract / approval for this run, or scope exceeded
     └── RunHalted                     exit 4   the safety envelope or the operator stopped the run
@@ -83,6 +84,11 @@ class ContractError(ScalerWizardError):
 
 class RunHalted(ScalerWizardError):
     exit_code = 4
+
+
+class ExportError(ScalerWizardError):
+    """The saved model, reloaded with plain transformers, does not compute what was trained and
+    probed: it is not published (the run fails rather than ship a different model)."""
 
 
 # A run that completed but did not pass every gate (status.json: completed_gates_failed,

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelLoadError
+from .errors import ExportError, ModelLoadError
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 QLORA_CPU_HINT = ("Without a GPU, remove model.quantization and train LoRA in bfloat16 or float32 (model.dtype); "
@@ -173,6 +173,10 @@ def frozen_output_head(model: Any) -> Any:
 
 
 EXPORT_CHECK_POSITIONS = 64
+#: a float32 export must reproduce the trained model's logits to this absolute difference
+EXPORT_FP32_TOLERANCE = 1e-3
+#: a bfloat16/float16 export must choose the same next token at this share of the positions
+EXPORT_HALF_MIN_TOP1 = 0.9
 
 
 def export_merged(model: Any, tokenizer: Any, out: Path, stream: list[int], length: int,
@@ -208,9 +212,25 @@ def export_merged(model: Any, tokenizer: Any, out: Path, stream: list[int], leng
     after = _logits_at(reloaded, window, positions)
     del reloaded
     diff = (before - after).abs().max().item()
+    top1 = (before.argmax(-1) == after.argmax(-1)).float().mean().item()
+    check = {"max_abs_logit_diff": diff, "top1_agreement": top1, "tokens": int(n),
+             "positions_compared": int(positions.numel()), "dtype": save_dtype}
+    # float32 must reproduce the trained model; a half-precision save rounds every weight, so it
+    # is held to the same next-token choices instead (a wrong position encoding or an untied /
+    # re-tied head changes them wholesale)
+    broken = diff > EXPORT_FP32_TOLERANCE if save_dtype == "float32" else top1 < EXPORT_HALF_MIN_TOP1
+    if broken:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise ExportError(
+            f"The exported model ({save_dtype}) reloaded with transformers differs from the trained model: "
+            f"max |logit difference| {diff:.4g}, next-token agreement {top1:.0%} over {check['positions_compared']} "
+            f"positions of a {n}-token held-out window. Nothing was written to {out}.",
+            hint="Use the adapter in the run folder (adapter/) with the resolved recipe's position encoding, and "
+            "report this with the model's config.json: its architecture is saved in a way this export does not "
+            "reproduce.",
+        )
     publish_folder(partial, out)
-    return {"max_abs_logit_diff": diff, "tokens": int(n), "positions_compared": int(positions.numel()),
-            "dtype": save_dtype}
+    return check
 
 
 def _logits_at(model: Any, window: Any, positions: Any) -> Any:
