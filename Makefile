@@ -17,8 +17,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 setup: $(VENV)/.installed
 
+# glibc's mmap threshold at 32 MiB for the demo: the run's own fixed 128 KiB threshold (allocator.py,
+# chosen to keep RSS down on real models) maps and unmaps every activation buffer and made the demo
+# 1.8x slower (612 s vs 338 s, 1.48 vs 1.95 GB peak RSS; BENCHMARKS.md "Scaling quality")
 demo: setup
-	$(VENV)/bin/scaler-wizard run --self-approve
+	MALLOC_MMAP_THRESHOLD_=33554432 $(VENV)/bin/scaler-wizard run --self-approve
 
 test: setup
 	$(PY) -m pytest -q
