@@ -41,10 +41,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "quality.json"
 
+# LongLoRA's trainable norms and input embeddings (PEFT modules_to_save)
+NORMS_EMB = ["embed_tokens", "input_layernorm", "post_attention_layernorm", "norm"]
 CONFIGS = {
     "lora": {},
-    "lora_norms_emb": {"scaling.lora.modules_to_save": ["embed_tokens", "input_layernorm",
-                                                        "post_attention_layernorm", "norm"]},
+    "lora_norms_emb": {"scaling.lora.modules_to_save": NORMS_EMB},
     "yarn": {},
     "linear": {"context.method": "linear", "context.method_params": {}},
     "ntk": {"context.method": "ntk", "context.method_params": {}},
@@ -53,14 +54,11 @@ CONFIGS = {
     "lora_r64": {"scaling.lora.rank": 64, "scaling.lora.alpha": 128},
     "lora_lr5e-4": {"training.learning_rate": 5e-4},
     "lora_lne_lr5e-4": {"training.learning_rate": 5e-4,
-                        "scaling.lora.modules_to_save": ["embed_tokens", "input_layernorm",
-                                                         "post_attention_layernorm", "norm"]},
+                        "scaling.lora.modules_to_save": NORMS_EMB},
     "lora_r32_lne_lr5e-4": {"scaling.lora.rank": 32, "scaling.lora.alpha": 64, "training.learning_rate": 5e-4,
-                            "scaling.lora.modules_to_save": ["embed_tokens", "input_layernorm",
-                                                             "post_attention_layernorm", "norm"]},
+                            "scaling.lora.modules_to_save": NORMS_EMB},
     "lora_r64_lne_lr5e-4": {"scaling.lora.rank": 64, "scaling.lora.alpha": 128, "training.learning_rate": 5e-4,
-                            "scaling.lora.modules_to_save": ["embed_tokens", "input_layernorm",
-                                                             "post_attention_layernorm", "norm"]},
+                            "scaling.lora.modules_to_save": NORMS_EMB},
     # full fine-tuning at the demo's budget: the base teacher would be a second copy of the
     # weights, so the teacher is the base model folder itself (distillation.teacher: model)
     "full": {"scaling.strategy": "full", "distillation.teacher": "model",

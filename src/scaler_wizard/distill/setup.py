@@ -23,13 +23,6 @@ def prepare_distillation(recipe: Recipe, model, tokenizer, original_config, base
 
     config = DistillConfig(divergence=d.divergence, beta=d.beta, temperature=d.temperature, kd_weight=d.kd_weight,
                            chunk_size=recipe.training.loss_chunk_size)
-    if d.teacher == "base" and recipe.scaling.strategy == "full":
-        raise PlanError(
-            "The 'base' teacher is the student with its new capacity switched off; full fine-tuning changes every "
-            "weight, so nothing of the base model would be left to switch back to.",
-            hint="Use distillation.teacher: model with distillation.teacher_path set to the base model folder, "
-            "or teacher: offline with a cache from `scaler-wizard distill cache`.",
-        )
     if d.teacher == "base" and recipe.scaling.strategy == "block_expansion":
         grow = recipe.scaling.block_expansion
         if grow.train_norms or grow.train_embeddings:

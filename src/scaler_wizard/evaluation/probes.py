@@ -416,9 +416,10 @@ class PasskeyProbe:
     def run(self, model, length, ctx):
         hits, path = self._score(model, length, ctx, PROBE_TEMPLATE)
         all_hits = [h for hs in hits.values() for h in hs]
+        by_depth = {f"{d:.2f}": sum(h) / len(h) for d, h in hits.items() if h}
         metrics = {"accuracy": sum(all_hits) / len(all_hits), "trials": len(all_hits),
-                   "accuracy_worst_depth": min(sum(h) / len(h) for h in hits.values() if h)}
-        details = {"accuracy_by_depth": {f"{d:.2f}": sum(h) / len(h) for d, h in hits.items()},
+                   "accuracy_worst_depth": min(by_depth.values())}
+        details = {"accuracy_by_depth": by_depth,
                    "head": path.describe() if path else "none", "rows_per_forward": rows_for(model, length, ctx)}
         if self.heldout_template:
             held, _ = self._score(model, length, ctx, HELDOUT_TEMPLATE)
